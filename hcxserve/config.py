@@ -1,0 +1,136 @@
+"""Typed configuration of a track, loaded from `configs/*.yaml`.
+
+Every size, limit and switch the services use is a named field here; services and the gateway read it, never
+literals. Which file is loaded, and a few per-deployment overrides, come from the environment:
+
+- `HCX_CONFIG`: path of the track config (default: the embedded default of the track, `configs/track_<t>.embedded.yaml`).
+- `HCX_MODEL_DIR`: the converted component folders (`llm/`, `ve/`, ...), overriding `model_dir`.
+- `HCX_OVERRIDES`: space-separated `dotted.key=value` pairs (values parsed as YAML), e.g.
+  `media.allow_private_networks=true llm.max_model_len=4096`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "configs"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LLMConfig(_Section):
+    """The vLLM engine behind the LLM service (an OpenAI server on `port`, proxied by BentoML)."""
+
+    served_model_name: str
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may send as `model`.")
+    tensor_parallel_size: PositiveInt = 1
+    dtype: str = "auto"
+    max_model_len: PositiveInt = 32768
+    max_num_seqs: PositiveInt | None = None
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    port: int = 8000
+    chat_template: str = "configs/chat_templates/track_a.jinja"
+    reasoning_parser: str = "deepseek_v3"
+    reasoning_start: str = "<think>"
+    reasoning_end: str = "</think>"
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the vLLM process.")
+    gpu_type: str | None = None
+    timeout_s: PositiveFloat = 600.0
+    startup_timeout_s: PositiveFloat = 1800.0
+
+
+class VisionEncoderConfig(_Section):
+    """The Qwen2.5-VL vision tower service."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    max_batch_size: PositiveInt = 16
+    max_latency_ms: PositiveInt = 2000
+    threads: PositiveInt | None = Field(None, description="torch intra-op threads on CPU (None: torch default).")
+    gpus: PositiveInt = 1
+    gpu_type: str | None = None
+    timeout_s: PositiveFloat = 120.0
+
+
+class MediaConfig(_Section):
+    """Limits on what clients may send, enforced in the gateway before any model sees it."""
+
+    max_images_per_request: PositiveInt = 8
+    max_image_bytes: PositiveInt = 20 * 1024 * 1024
+    max_image_pixels: PositiveInt = 50_000_000
+    min_image_side: PositiveInt = 4
+    fetch_timeout_s: PositiveFloat = 15.0
+    max_redirects: int = Field(3, ge=0)
+    allow_private_networks: bool = Field(
+        False, description="Let image URLs point at loopback/private/link-local addresses (SSRF guard off)."
+    )
+
+
+class GatewayConfig(_Section):
+    route_prefixes: list[str] = Field(default_factory=lambda: ["/v1"])
+    max_n: PositiveInt = 8
+    default_max_tokens: PositiveInt | None = None
+    timeout_s: PositiveFloat = 900.0
+
+
+class TrackConfig(_Section):
+    track: Literal["a", "b"]
+    model_dir: Path = Field(description="Folder holding the converted components (llm/, ve/, ...).")
+    llm: LLMConfig
+    vision_encoder: VisionEncoderConfig = Field(default_factory=VisionEncoderConfig)
+    media: MediaConfig = Field(default_factory=MediaConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+
+    def component_dir(self, name: str) -> Path:
+        return self.model_dir / name
+
+    def resolve(self, path: str | Path) -> Path:
+        """Paths in config files are relative to the project root."""
+        p = Path(path)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def default_config_path(track: str) -> Path:
+    return CONFIG_DIR / f"track_{track}.embedded.yaml"
+
+
+def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def load_track_config(track: str, path: str | Path | None = None, env: dict[str, str] | None = None) -> TrackConfig:
+    env = dict(os.environ if env is None else env)
+    path = Path(path or env.get("HCX_CONFIG") or default_config_path(track))
+    if not path.is_absolute():
+        path = PROJECT_ROOT / path
+    data = yaml.safe_load(path.read_text()) or {}
+    if env.get("HCX_MODEL_DIR"):
+        data["model_dir"] = env["HCX_MODEL_DIR"]
+    for item in shlex.split(env.get("HCX_OVERRIDES", "")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"HCX_OVERRIDES entry {item!r} is not key=value")
+        _apply_override(data, key, yaml.safe_load(raw))
+    config = TrackConfig.model_validate(data)
+    if config.track != track:
+        raise ValueError(f"{path} configures track {config.track!r}, expected {track!r}")
+    if not config.model_dir.is_absolute():
+        config.model_dir = PROJECT_ROOT / config.model_dir
+    return config

@@ -1,0 +1,125 @@
+"""HTTP client for the LLM component: vLLM's OpenAI server, reached through the LLM service's BentoML URL.
+
+BentoML gives dependency URLs as `file://<socket>` (Unix domain socket, the local default) or `tcp://host:port`;
+both are handled. Every call names the service in `Runner-Name`, which BentoCloud's load balancer routes on.
+vLLM's error bodies for bad requests (4xx) are passed on to the client; server-side failures are not, since
+they may describe internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from hcxserve.protocol.errors import (
+    APIError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def make_http_client(url: str, *, runner_name: str | None, timeout: float) -> httpx.AsyncClient:
+    parts = urlsplit(url)
+    headers = {"Runner-Name": runner_name} if runner_name else {}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    if parts.scheme in ("file", "unix"):
+        transport = httpx.AsyncHTTPTransport(uds=parts.path, limits=limits)
+        base_url = "http://localhost"
+    else:
+        transport = httpx.AsyncHTTPTransport(limits=limits)
+        base_url = f"http://{parts.netloc}" if parts.scheme == "tcp" else url.rstrip("/")
+    return httpx.AsyncClient(
+        base_url=base_url, transport=transport, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+        trust_env=False,
+    )
+
+
+def _error_from_upstream(status: int, body: bytes) -> APIError:
+    message = ""
+    try:
+        payload = json.loads(body)
+        error = payload.get("error", payload) if isinstance(payload, dict) else {}
+        message = str(error.get("message") or error.get("detail") or "")
+    except (ValueError, AttributeError):
+        pass
+    if status == 404:
+        return NotFoundError(message or "Not found.")
+    if 400 <= status < 500:
+        return InvalidRequestError(message or f"The model rejected the request (HTTP {status}).")
+    if status == 503:
+        return ServiceUnavailableError("The language model is not ready yet; retry shortly.")
+    logger.error("LLM upstream error %s: %s", status, body[:2000])
+    return UpstreamError("The language model failed to process the request.")
+
+
+class LLMClient:
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    @classmethod
+    def for_url(cls, url: str, *, runner_name: str | None = "LLM", timeout: float = 600.0) -> LLMClient:
+        return cls(make_http_client(url, runner_name=runner_name, timeout=timeout))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self._client.get("/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await self._client.post("/v1/chat/completions", json=body)
+        except httpx.TimeoutException:
+            raise UpstreamTimeoutError("The language model timed out.") from None
+        except httpx.HTTPError as exc:
+            logger.error("LLM unreachable: %r", exc)
+            raise ServiceUnavailableError("The language model is unreachable.") from None
+        if response.status_code != 200:
+            raise _error_from_upstream(response.status_code, response.content)
+        return response.json()
+
+    async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yield vLLM's stream chunks as dicts. Errors before the first chunk raise; later ones too (the caller
+        turns them into an in-stream error event)."""
+        request = self._client.build_request("POST", "/v1/chat/completions", json=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamTimeoutError("The language model timed out.") from None
+        except httpx.HTTPError as exc:
+            logger.error("LLM unreachable: %r", exc)
+            raise ServiceUnavailableError("The language model is unreachable.") from None
+        try:
+            if response.status_code != 200:
+                raise _error_from_upstream(response.status_code, await response.aread())
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    error = event["error"] or {}
+                    raise _error_from_upstream(int(error.get("code") or 500), json.dumps(event).encode())
+                yield event
+        except httpx.TimeoutException:
+            raise UpstreamTimeoutError("The language model timed out mid-stream.") from None
+        except httpx.HTTPError as exc:
+            logger.error("LLM stream broken: %r", exc)
+            raise UpstreamError("The language model stream was interrupted.") from None
+        finally:
+            await response.aclose()

@@ -1,0 +1,173 @@
+"""Fetching client media: http(s) URLs, `data:` URLs and bare base64, under the limits of `MediaConfig`.
+
+This is the only place that touches client URLs. It refuses non-http schemes (no `file://`, no `s3://` with the
+server's credentials), and by default any address that is not public (loopback, private, link-local, ...),
+re-checking every redirect hop, so a client cannot make the server probe its own network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+import httpx
+
+from hcxserve.config import MediaConfig
+from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
+
+_REDIRECT_CODES = {301, 302, 303, 307, 308}
+
+
+@dataclass(frozen=True)
+class FetchedMedia:
+    data: bytes
+    source: str  # "url" | "data_url" | "base64"
+
+
+class MediaFetcher:
+    def __init__(self, config: MediaConfig, client: httpx.AsyncClient | None = None) -> None:
+        self.config = config
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(config.fetch_timeout_s), follow_redirects=False, trust_env=False
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, ref: str, *, param: str) -> FetchedMedia:
+        ref = ref.strip()
+        scheme = urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
+        if scheme == "data":
+            return FetchedMedia(self._decode_data_url(ref, param), "data_url")
+        if scheme in ("http", "https"):
+            return FetchedMedia(await self._download(ref, param), "url")
+        if scheme:
+            raise MediaError(f"{param}: unsupported URL scheme {scheme!r}; use http(s) or a data: URL", param=param)
+        return FetchedMedia(self._decode_base64(ref, param), "base64")
+
+    # ------------------------------------------------------------------------------------------ inline data
+    def _check_size(self, size: int, param: str) -> None:
+        if size > self.config.max_image_bytes:
+            raise PayloadTooLargeError(
+                f"{param}: media is {size} bytes, over the limit of {self.config.max_image_bytes}", param=param
+            )
+
+    def _decode_base64(self, text: str, param: str) -> bytes:
+        self._check_size(len(text) * 3 // 4, param)
+        try:
+            data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaError(f"{param}: not a URL, data: URL or base64 data", param=param) from None
+        if not data:
+            raise MediaError(f"{param}: empty media", param=param)
+        return data
+
+    def _decode_data_url(self, url: str, param: str) -> bytes:
+        header, sep, payload = url[5:].partition(",")
+        if not sep:
+            raise MediaError(f"{param}: malformed data: URL (no comma)", param=param)
+        if header.endswith(";base64"):
+            return self._decode_base64(payload.strip(), param)
+        self._check_size(len(payload), param)
+        data = unquote_to_bytes(payload)
+        if not data:
+            raise MediaError(f"{param}: empty media", param=param)
+        return data
+
+    # ------------------------------------------------------------------------------------------ URLs
+    async def _check_host(self, url: str, param: str) -> None:
+        if self.config.allow_private_networks:
+            return
+        host = urlsplit(url).hostname
+        if not host:
+            raise MediaError(f"{param}: URL has no host", param=param)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise MediaError(f"{param}: cannot resolve host {host!r}", param=param, code="unreachable_url") from None
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            if not address.is_global:
+                raise MediaError(
+                    f"{param}: URL host {host!r} resolves to a non-public address, which this server does not fetch",
+                    param=param,
+                    code="forbidden_url",
+                )
+
+    async def _download(self, url: str, param: str) -> bytes:
+        for _ in range(self.config.max_redirects + 1):
+            await self._check_host(url, param)
+            try:
+                async with self._client.stream("GET", url, headers={"Accept": "image/*,*/*;q=0.5"}) as response:
+                    if response.status_code in _REDIRECT_CODES and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        if urlsplit(url).scheme not in ("http", "https"):
+                            raise MediaError(f"{param}: redirect to a non-http URL", param=param)
+                        continue
+                    if response.status_code != 200:
+                        raise MediaError(
+                            f"{param}: fetching the URL returned HTTP {response.status_code}",
+                            param=param,
+                            code="unreachable_url",
+                        )
+                    declared = int(response.headers.get("content-length") or 0)
+                    self._check_size(declared, param)
+                    buffer = io.BytesIO()
+                    async for chunk in response.aiter_bytes():
+                        buffer.write(chunk)
+                        self._check_size(buffer.tell(), param)
+            except httpx.TimeoutException:
+                raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None
+            except httpx.HTTPError as exc:
+                raise MediaError(
+                    f"{param}: could not fetch the URL ({type(exc).__name__})", param=param, code="unreachable_url"
+                ) from None
+            data = buffer.getvalue()
+            if not data:
+                raise MediaError(f"{param}: the URL returned no data", param=param)
+            return data
+        raise MediaError(f"{param}: too many redirects", param=param, code="unreachable_url")
+
+
+def _open_image(data: bytes, config: MediaConfig, param: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise MediaError(f"{param}: the data is not a decodable image", param=param) from None
+    width, height = image.size
+    if width * height > config.max_image_pixels:
+        raise PayloadTooLargeError(
+            f"{param}: image is {width}x{height}, over the limit of {config.max_image_pixels} pixels", param=param
+        )
+    if min(width, height) < config.min_image_side:
+        raise MediaError(f"{param}: image is {width}x{height}, smaller than {config.min_image_side} px", param=param)
+    return image
+
+
+def probe_image(data: bytes, config: MediaConfig, *, param: str) -> tuple[int, int]:
+    """Cheap header-only check (format and size) so bad images are refused before any model work."""
+    return _open_image(data, config, param).size
+
+
+def decode_image(data: bytes, config: MediaConfig, *, param: str = "image"):
+    """Full decode to RGB; transparent images are composited on white, as the original encoder does."""
+    from PIL import Image
+
+    image = _open_image(data, config, param)
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise MediaError(f"{param}: the image data is truncated or corrupt", param=param) from None
+    if image.mode in ("RGBA", "LA", "P") and (image.mode != "P" or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

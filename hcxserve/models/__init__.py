@@ -1,0 +1,1 @@
+"""Model components run by our own services (vLLM runs the LLM)."""

@@ -1,0 +1,83 @@
+"""Qwen2.5-VL vision tower of HyperCLOVAX-SEED (track A's continuous image encoder).
+
+Loads a converted `ve/` component folder (see `convert_model.py`): `config.json` with `vision_config`,
+the tower's weights under `vision_model.*`, and the Qwen2-VL `preprocessor_config.json`. Output rows are the
+ViT merger output *before* the projector: the LLM (vLLM's HCXVisionV2ForCausalLM) owns and applies the projector,
+so there is exactly one copy of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hcxserve.models.vision_spec import VisionTowerSpec
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class EncodedImage:
+    features: torch.Tensor  # (rows, out_hidden_size)
+    grid_thw: tuple[int, int, int]
+
+    def to_b64(self) -> str:
+        """vLLM's `image_embeds` wire form: base64 of `torch.save` (it loads with weights_only=True)."""
+        buffer = io.BytesIO()
+        torch.save(self.features.contiguous().cpu(), buffer)
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VisionTower:
+    def __init__(self, model, processor, spec: VisionTowerSpec, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.processor = processor
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def from_pretrained(
+        cls, ve_dir: str | Path, *, device: str = "auto", dtype: str = "bfloat16", attn_implementation: str = "sdpa"
+    ) -> VisionTower:
+        from transformers import Qwen2_5_VLVisionConfig, Qwen2VLImageProcessor
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        from hcxserve.convert import load_state_dict
+
+        ve_dir = Path(ve_dir)
+        resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                ("cpu" if device == "auto" else device))
+        torch_dtype = _DTYPES[dtype]
+        vision_config = json.loads((ve_dir / "config.json").read_text())["vision_config"]
+        config = Qwen2_5_VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        config._attn_implementation = attn_implementation
+        # Not on the meta device: the rotary embedding's non-persistent buffers are computed at construction.
+        model = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, torch_dtype=torch_dtype)
+        model.load_state_dict(load_state_dict(ve_dir, prefix="vision_model."), strict=True)
+        model = model.to(device=resolved, dtype=torch_dtype).eval()
+        processor = Qwen2VLImageProcessor.from_pretrained(ve_dir)
+        logger.info("vision tower loaded from %s on %s (%s, %d params)", ve_dir, resolved, dtype,
+                    sum(p.numel() for p in model.parameters()))
+        return cls(model, processor, VisionTowerSpec.from_dir(ve_dir), resolved, torch_dtype)
+
+    @torch.inference_mode()
+    def encode(self, images: list) -> list[EncodedImage]:
+        """Encode PIL images in one forward pass (the ViT attends within each image, so batching is exact)."""
+        if not images:
+            return []
+        batch = self.processor(images=images, return_tensors="pt")
+        pixel_values = batch["pixel_values"].to(self.device, self.dtype)
+        grid = batch["image_grid_thw"].to(self.device)
+        features = self.model(pixel_values, grid_thw=grid).pooler_output
+        grids = [tuple(int(v) for v in row) for row in batch["image_grid_thw"].tolist()]
+        sizes = [self.spec.rows_for_grid(g) for g in grids]
+        return [EncodedImage(f, g) for f, g in zip(features.split(sizes), grids)]

@@ -1,0 +1,1 @@
+"""Wire formats: the OpenAI API (`openai`), the error envelope (`errors`) and inter-service payloads (`payloads`)."""

@@ -1,0 +1,238 @@
+"""OpenAI chat-completions protocol: requests validated once at the edge, responses and stream chunks.
+
+The request model accepts what OpenAI's SDK and OmniServe's clients send (including a literal `extra_body`
+object, which is merged into the top level as the original gateway did). Past validation, code trusts types.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---------------------------------------------------------------------------------------------- content parts
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class URLRef(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLPart(_Strict):
+    type: Literal["image_url"]
+    image_url: URLRef
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+
+class ImagePart(_Strict):
+    """`{"type": "image", "image": "<url or data URL>"}` (the Qwen/vLLM form)."""
+
+    type: Literal["image"]
+    image: str = Field(min_length=1)
+
+
+class VideoURLPart(_Strict):
+    type: Literal["video_url"]
+    video_url: URLRef
+
+
+class VideoPart(_Strict):
+    type: Literal["video"]
+    video: str | list[str]
+
+
+class InputAudio(_Strict):
+    data: str = Field(min_length=1)
+    format: str | None = None
+
+
+class InputAudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURLPart(_Strict):
+    type: Literal["audio_url"]
+    audio_url: URLRef
+
+
+ContentPart = Annotated[
+    TextPart | ImageURLPart | ImagePart | VideoURLPart | VideoPart | InputAudioPart | AudioURLPart,
+    Field(discriminator="type"),
+]
+IMAGE_PART_TYPES = (ImageURLPart, ImagePart)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs `content`")
+        return self
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- request
+class ChatCompletionRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    user: str | None = None
+
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = Field(None, ge=0)
+    include_reasoning: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_extra_body(cls, data: Any) -> Any:
+        # OmniServe's curl examples send `"extra_body": {...}` literally; its keys override the top level.
+        if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
+            data = {**{k: v for k, v in data.items() if k != "extra_body"}, **data["extra_body"]}
+        return data
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limit(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 16:
+            raise ValueError("at most 16 stop sequences are allowed")
+        return value
+
+    @property
+    def thinking(self) -> bool:
+        kwargs = self.chat_template_kwargs or {}
+        return bool(kwargs.get("thinking") or kwargs.get("enable_thinking"))
+
+
+# ---------------------------------------------------------------------------------------------- responses
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "naver-hyperclovax"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

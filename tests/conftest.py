@@ -1,0 +1,63 @@
+"""Shared fixtures: the embedded default model, test images and a local HTTP server for media URLs."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import io
+import threading
+from pathlib import Path
+
+import pytest
+
+from hcxserve.config import PROJECT_ROOT, load_track_config
+
+EMBEDDED_TRACK_A = PROJECT_ROOT / "models" / "embedded" / "track_a"
+
+
+@pytest.fixture(scope="session")
+def track_a_model_dir() -> Path:
+    if not (EMBEDDED_TRACK_A / "manifest.json").exists():
+        pytest.fail(f"{EMBEDDED_TRACK_A} is missing: run `make model` (the README's test command does)")
+    return EMBEDDED_TRACK_A
+
+
+@pytest.fixture(scope="session")
+def track_a_config():
+    return load_track_config("a", env={})
+
+
+def make_png(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    image = Image.new(mode, (width, height), color if mode == "RGB" else (*color, 128))
+    for x in range(width // 2):  # some structure, so different images encode differently
+        image.putpixel((x, x % height), (0, 0, 255) if mode == "RGB" else (0, 0, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="session")
+def media_server(tmp_path_factory):
+    """Serves files from a temp folder on 127.0.0.1; yields (base_url, folder)."""
+    root = tmp_path_factory.mktemp("media")
+    (root / "red.png").write_bytes(make_png(64, 48, (220, 20, 20)))
+    (root / "blue.png").write_bytes(make_png(96, 64, (20, 20, 220)))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass

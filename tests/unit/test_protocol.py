@@ -1,0 +1,84 @@
+import pydantic
+import pytest
+
+from hcxserve.protocol.errors import invalid_request_from_validation
+from hcxserve.protocol.openai import ChatCompletionRequest, ImagePart, ImageURLPart, TextPart
+
+
+def parse(body):
+    return ChatCompletionRequest.model_validate(body)
+
+
+def error_of(body):
+    with pytest.raises(pydantic.ValidationError) as info:
+        parse(body)
+    return invalid_request_from_validation(info.value.errors())
+
+
+def test_string_and_part_messages():
+    request = parse({
+        "model": "track_a_model",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                {"type": "image", "image": "data:image/png;base64,AAAA"},
+            ]},
+        ],
+    })
+    parts = request.messages[1].content
+    assert [type(p) for p in parts] == [TextPart, ImageURLPart, ImagePart]
+    assert parts[1].image_url.url == "https://example.com/a.png"
+
+
+def test_image_url_may_be_a_bare_string():
+    request = parse({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}]})
+    assert request.messages[0].content[0].image_url.url == "http://x/y.png"
+
+
+def test_literal_extra_body_is_flattened_and_wins():
+    request = parse({
+        "messages": [{"role": "user", "content": "hi"}],
+        "chat_template_kwargs": {"thinking": False},
+        "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 50},
+    })
+    assert request.thinking is True
+    assert request.thinking_token_budget == 50
+
+
+def test_thinking_defaults_off():
+    assert parse({"messages": [{"role": "user", "content": "hi"}]}).thinking is False
+
+
+def test_unknown_top_level_fields_are_ignored():
+    assert parse({"messages": [{"role": "user", "content": "hi"}], "store": True, "metadata": {"a": "b"}})
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({"messages": []}, "messages", "at least 1"),
+        ({"model": "m"}, "messages", "required"),
+        ({"messages": "hello"}, "messages", "valid list"),
+        ({"messages": [{"role": "user", "content": [{"type": "hologram"}]}]}, "messages[0].content[0]", "hologram"),
+        ({"messages": [{"role": "user", "content": [{"text": "x"}]}]}, "messages[0].content[0]", "type"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "user"),
+        ({"messages": [{"role": "user"}]}, "messages[0]", "content"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature", "number"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", "less than or equal"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "greater than"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "greater than"),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 17}, "stop", "16"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         "messages[0].content[0].image_url.url", "required"),
+    ],
+)
+def test_bad_requests_name_the_field(body, param, fragment):
+    error = error_of(body)
+    assert error.status_code == 400
+    assert error.param == param
+    assert fragment.lower() in error.message.lower()
+    envelope = error.to_dict()["error"]
+    assert set(envelope) == {"message", "type", "param", "code"}
+    assert envelope["type"] == "invalid_request_error"
