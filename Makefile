@@ -14,9 +14,13 @@ export TOKENIZERS_PARALLELISM := false
 setup:
 	bash scripts/setup.sh
 
+# The builder is itself idempotent (a no-op when up to date); conversion re-runs only when the build changed.
 model: setup
 	$(PY) -m hcxserve.embedded --track a --output $(UNIFIED_A)
-	$(PY) convert_model.py --input $(UNIFIED_A) --output $(MODEL_A) --track a --verify
+	$(MAKE) --no-print-directory $(MODEL_A)/manifest.json
+
+$(MODEL_A)/manifest.json: $(UNIFIED_A)/.hcx-embedded.json
+	$(PY) convert_model.py --input $(UNIFIED_A) --output $(MODEL_A) --track a --verify --force
 
 serve: model
 	bash scripts/serve.sh bentos.track_a:TrackAGateway --port $(PORT)
@@ -27,5 +31,6 @@ test: model
 test-unit: setup
 	$(PY) -m pytest -ra tests/unit
 
-build: model
-	.venv/bin/bentoml build -f bentofile.yaml
+build: setup
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+	HCX_CONFIG=configs/track_a.yaml .venv/bin/bentoml build -f bentofile.yaml

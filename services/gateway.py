@@ -105,7 +105,8 @@ def gateway_service(config: TrackConfig, *, name: str, encoder_service, llm_serv
             self.serving = ChatCompletionServing(
                 config,
                 llm=LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=config.llm.timeout_s),
-                encode_images=self.vision_encoder.to_async.encode,
+                # resolved per call: the dependency proxy gets its methods only once the server is running
+                encode_images=lambda items: self.vision_encoder.to_async.encode(items),
                 fetcher=MediaFetcher(config.media),
                 vision_spec=VisionTowerSpec.from_dir(config.component_dir("ve")),
             )

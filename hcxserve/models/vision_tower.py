@@ -61,7 +61,7 @@ class VisionTower:
         config = Qwen2_5_VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         config._attn_implementation = attn_implementation
         # Not on the meta device: the rotary embedding's non-persistent buffers are computed at construction.
-        model = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, torch_dtype=torch_dtype)
+        model = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=torch_dtype)
         model.load_state_dict(load_state_dict(ve_dir, prefix="vision_model."), strict=True)
         model = model.to(device=resolved, dtype=torch_dtype).eval()
         processor = Qwen2VLImageProcessor.from_pretrained(ve_dir)

@@ -1,0 +1,578 @@
+"""Tests of the checkpoint converter (hcxserve.convert + convert_model.py) on tiny synthetic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the factory sits next to this file
+from ckpt_factory import IMAGE_TOKEN_ID, TEXT_HIDDEN, VIT_OUT, FakeCheckpoint, make_checkpoint  # noqa: E402
+
+import convert_model  # noqa: E402
+from hcxserve import convert as hc  # noqa: E402
+from hcxserve.convert import safetensors_io  # noqa: E402
+
+LLM_FILES = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json",
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def expected_layout(ckpt: FakeCheckpoint) -> dict[str, dict[str, str]]:
+    """component -> {output name: input name}, written out independently of the converter's tables."""
+    out: dict[str, dict[str, str]] = {"llm": {}, "ve": {}, "ae": {}}
+    for key in ckpt.tensors:
+        proj = key.startswith(("model.mm_projector.", "model.vision_projector."))
+        tail = key.split(".", 2)[2] if proj else None
+        if ckpt.track == "a":
+            if key.startswith("model.language_model."):
+                out["llm"][key] = key
+            elif proj:
+                out["llm"]["model.mm_projector." + tail] = key
+            else:
+                out["ve"][key.removeprefix("model.")] = key
+        elif key.startswith("model.language_model.model."):
+            out["llm"]["model." + key.removeprefix("model.language_model.model.")] = key
+        elif key.startswith("model.language_model.lm_head."):
+            out["llm"]["lm_head." + key.removeprefix("model.language_model.lm_head.")] = key
+        elif proj:
+            out["ve"]["mm_projector." + tail] = key
+        elif key.startswith(("model.vision_model.", "model.discrete_vision_model.")):
+            out["ve"][key.removeprefix("model.")] = key
+        else:
+            out["ae"][key.removeprefix("model.")] = key
+    return {k: v for k, v in out.items() if v}
+
+
+def assert_component(out: Path, component: str, ckpt: FakeCheckpoint, cast: torch.dtype | None = None) -> None:
+    expected = expected_layout(ckpt)[component]
+    tensors = hc.load_state_dict(out / component)
+    assert set(tensors) == set(expected)
+    for name, key in expected.items():
+        want = ckpt.tensors[key]
+        if cast is not None and want.is_floating_point():
+            want = want.to(cast)
+        got = tensors[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got, want), name
+
+
+def run_cli(*args: str) -> int:
+    return convert_model.main([str(a) for a in args])
+
+
+def tree_snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")} if root.exists() else {}
+
+
+@pytest.fixture
+def think(tmp_path: Path) -> FakeCheckpoint:
+    return make_checkpoint(tmp_path / "think", "a")
+
+
+@pytest.fixture
+def omni(tmp_path: Path) -> FakeCheckpoint:
+    return make_checkpoint(tmp_path / "omni", "b")
+
+
+# ------------------------------------------------------------------------------------------------ track a
+
+
+@pytest.mark.parametrize("projector", ["mm_projector", "vision_projector"])
+def test_track_a_layout_and_content(tmp_path: Path, projector: str) -> None:
+    ckpt = make_checkpoint(tmp_path / "in", "a", projector=projector)
+    out = tmp_path / "out"
+    result = hc.convert(ckpt.root, out, track="a")
+    assert result.status == "converted"
+    assert sorted(p.name for p in out.iterdir()) == ["llm", "manifest.json", "ve"]
+    assert_component(out, "llm", ckpt)
+    assert_component(out, "ve", ckpt)
+    llm = hc.load_state_dict(out / "llm")
+    assert llm["model.mm_projector.weight"].shape == (TEXT_HIDDEN, VIT_OUT)  # normalised name, only in llm/
+    assert not any("projector" in k for k in hc.load_state_dict(out / "ve"))
+    assert not (tmp_path / f"out.partial-{os.getpid()}").exists()
+
+
+def test_track_a_llm_config_is_normalised_for_vllm(think: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a")
+    cfg = json.loads((out / "llm" / "config.json").read_text())
+    assert cfg["architectures"] == ["HCXVisionV2ForCausalLM"]
+    assert cfg["model_type"] == "hyperclovax_vision_v2"
+    assert cfg["vision_config"]["model_type"] == "qwen2_5_vl"
+    assert cfg["text_config"] == json.loads((think.root / "config.json").read_text())["text_config"]
+    assert (cfg["image_token_id"], cfg["mm_projector_type"], cfg["anyres"]) == (IMAGE_TOKEN_ID, "linear", False)
+    assert "auto_map" not in cfg  # it points at remote code that is not copied
+    assert {p.name for p in (out / "llm").iterdir()} == LLM_FILES | {"config.json", "model.safetensors"}
+    for name in LLM_FILES:
+        assert (out / "llm" / name).read_bytes() == (think.root / name).read_bytes()
+    # transformers parses it as the native HCX-V2 config
+    from transformers import AutoConfig
+
+    parsed = AutoConfig.from_pretrained(out / "llm")
+    assert parsed.model_type == "hyperclovax_vision_v2" and parsed.text_config.hidden_size == TEXT_HIDDEN
+
+
+def test_track_a_ve_loads_into_qwen25_vit_strict(think: FakeCheckpoint, tmp_path: Path) -> None:
+    from transformers import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a")
+    config, tensors = hc.read_component(out / "ve")
+    assert config["vision_config"]["model_type"] == "qwen2_5_vl_vision"
+    assert (config["text_hidden_size"], config["image_token_id"]) == (TEXT_HIDDEN, IMAGE_TOKEN_ID)
+    assert "projector" not in config  # track a: the projector is applied by vLLM
+    assert {p.name for p in (out / "ve").iterdir()} == {
+        "config.json", "model.safetensors", "preprocessor_config.json", "video_preprocessor_config.json"
+    }  # fmt: skip
+    vit = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**config["vision_config"]))
+    vit.load_state_dict(hc.load_state_dict(out / "ve", prefix="vision_model."), strict=True)
+    assert all(k.startswith("vision_model.") for k in tensors)
+
+
+def test_manifest(think: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a")
+    manifest = hc.read_manifest(out)
+    assert manifest["format"] == "hcxserve-components/1" and manifest["track"] == "a"
+    assert manifest["source"]["model_type"] == "vlm" and manifest["source"]["fingerprint"].startswith("sha256:")
+    assert manifest["options"] == {"components": ["llm", "ve"], "dtype": "keep", "max_shard_size": 5 * 10**9}
+    layout = expected_layout(think)
+    for name in ("llm", "ve"):
+        entry = manifest["components"][name]
+        assert entry["tensors"] == len(layout[name])
+        assert entry["bytes"] == sum(
+            think.tensors[k].numel() * think.tensors[k].element_size() for k in layout[name].values()
+        )
+        assert entry["files"] == sorted(p.name for p in (out / name).iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ track b
+
+
+def test_track_b_layout_content_and_renames(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hc.convert(omni.root, out, track="b")
+    assert sorted(p.name for p in out.iterdir()) == ["ad", "ae", "llm", "manifest.json", "vd", "ve"]
+    for component in ("llm", "ve", "ae"):
+        assert_component(out, component, omni)
+    llm = hc.load_state_dict(out / "llm")
+    assert "lm_head.weight" in llm and "model.embed_tokens.weight" in llm
+    ve = hc.load_state_dict(out / "ve")
+    assert {"mm_projector.weight", "mm_projector.bias"} <= set(ve)
+    assert any(k.startswith("discrete_vision_model.") for k in ve)
+    for rel in (
+        "vd/model_index.json",
+        "vd/transformer/diffusion_pytorch_model.safetensors",
+        "ad/NCCosybigvganDecoder.mar",
+    ):
+        src = rel.replace("vd/", "decoder/vision/").replace("ad/", "decoder/audio/")
+        assert (out / rel).read_bytes() == (omni.root / src).read_bytes()
+
+
+def test_track_b_configs_and_loadable_modules(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    from transformers import HyperCLOVAXConfig, HyperCLOVAXForCausalLM, Qwen2AudioEncoderConfig
+    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
+
+    out = tmp_path / "out"
+    hc.convert(omni.root, out, track="b")
+    llm_cfg = hc.read_component_config(out / "llm")
+    assert llm_cfg["architectures"] == ["HyperCLOVAXForCausalLM"] and llm_cfg["model_type"] == "hyperclovax"
+    lm = HyperCLOVAXForCausalLM(HyperCLOVAXConfig(**{k: v for k, v in llm_cfg.items() if k != "model_type"}))
+    lm.load_state_dict(hc.load_state_dict(out / "llm"), strict=True)
+
+    ve_cfg = hc.read_component_config(out / "ve")
+    assert ve_cfg["projector"] == {"in_features": VIT_OUT, "out_features": TEXT_HIDDEN}
+    assert ve_cfg["discrete_vision_config"]["model_type"] == "ta_tok"
+
+    ae_cfg, _ = hc.read_component(out / "ae")
+    assert ae_cfg["text_hidden_size"] == TEXT_HIDDEN
+    assert ae_cfg["discrete_audio_config"]["model_type"] == "cosyvoice2"
+    assert ae_cfg["video_audio_compressor_type"] == "mambamia"
+    encoder = Qwen2AudioEncoder(
+        Qwen2AudioEncoderConfig(**{k: v for k, v in ae_cfg["audio_config"].items() if k != "model_type"})
+    )
+    encoder.load_state_dict(hc.load_state_dict(out / "ae", prefix="audio_model."), strict=True)
+    pre = json.loads((out / "ae" / "preprocessor_config.json").read_text())
+    assert pre["feature_extractor_type"] == "WhisperFeatureExtractor"
+    assert (pre["feature_size"], pre["sampling_rate"], pre["n_samples"], pre["nb_max_frames"]) == (
+        128,
+        16000,
+        480000,
+        3000,
+    )
+
+
+def test_track_b_without_compressor_and_with_vision_projector(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "in", "b", compressor=False, projector="vision_projector")
+    out = tmp_path / "out"
+    hc.convert(ckpt.root, out, track="b", components=["ve", "ae"])
+    assert sorted(p.name for p in out.iterdir()) == ["ae", "manifest.json", "ve"]
+    assert_component(out, "ae", ckpt)
+    assert "mm_projector.weight" in hc.load_state_dict(out / "ve")
+    assert "video_audio_compressor_config" not in hc.read_component_config(out / "ae")
+
+
+# ------------------------------------------------------------------------------------- sharding and dtype
+
+
+def test_sharding_and_index(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    limit = 4096
+    hc.convert(omni.root, out, track="b", components=["llm", "ae"], max_shard_size=f"{limit}B")
+    for component in ("llm", "ae"):
+        folder = out / component
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        files = sorted({*index["weight_map"].values()})
+        n = len(files)
+        assert n > 1 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        assert not (folder / "model.safetensors").exists()
+        sizes = {}
+        order = []
+        for name in files:
+            with safe_open(str(folder / name), framework="pt") as f:
+                keys = list(f.keys())
+                order += sorted(keys)
+                sizes[name] = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+                assert all(index["weight_map"][k] == name for k in keys)
+                assert f.metadata() == {"format": "pt"}
+            assert sizes[name] <= limit or len(keys) == 1  # only an oversized tensor may exceed the limit
+        assert order == sorted(order)  # keys packed in sorted order across shards
+        assert index["metadata"]["total_size"] == sum(sizes.values())
+        assert_component(out, component, omni)
+
+
+def test_dtype_cast_only_touches_floating_tensors(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hc.convert(omni.root, out, track="b", components=["ae"], dtype="bfloat16", verify=True)
+    assert_component(out, "ae", omni, cast=torch.bfloat16)
+    ae = hc.load_state_dict(out / "ae")
+    assert ae["discrete_audio_model.quantizer.levels"].dtype == torch.int64
+    assert ae["discrete_audio_model.quantizer.mask"].dtype == torch.bool
+    assert (
+        ae["discrete_audio_model.quantizer.scale"].dtype == torch.bfloat16
+        and ae["discrete_audio_model.quantizer.scale"].dim() == 0
+    )
+
+
+def test_bf16_input_cast_to_float32(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "in", "a", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    hc.convert(ckpt.root, out, track="a", dtype="float32", verify=True)
+    assert_component(out, "ve", ckpt, cast=torch.float32)
+    assert_component(out, "llm", ckpt, cast=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("4GiB", 4 * 2**30),
+        ("1.5KB", 1500),
+        ("123", 123),
+        ("2 mib", 2 * 2**20),
+        ("1TB", 10**12),
+    ],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert hc.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "5XB", "-1GB", "0", "GB"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(hc.ConvertError):
+        hc.parse_size(text)
+
+
+# --------------------------------------------------------------------------- dry-run, re-runs, --force
+
+
+def test_dry_run_writes_nothing(omni: FakeCheckpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    before = tree_snapshot(tmp_path)
+    assert run_cli("--input", omni.root, "--output", out, "--track", "b", "--dry-run", "--max-shard-size", "2KB") == 0
+    assert tree_snapshot(tmp_path) == before and not out.exists()
+    report = capsys.readouterr().out
+    layout = expected_layout(omni)
+    for component in ("llm", "ve", "ae", "vd", "ad"):
+        assert f"\n{component} " in report
+    assert f"{len(layout['llm'])}" in report and "tokenizer.json" in report and "will be created" in report
+    assert "preprocessor_config.json (generated)" in report
+
+
+def test_rerun_is_up_to_date_and_untouched(
+    think: FakeCheckpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert run_cli("-i", think.root, "-o", out, "-t", "a") == 0
+    before = tree_snapshot(out)
+    assert run_cli("-i", think.root, "-o", out, "-t", "a", "--verify") == 0
+    assert "up to date" in capsys.readouterr().out
+    assert tree_snapshot(out) == before
+
+
+def test_changed_options_need_force(think: FakeCheckpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a")
+    assert run_cli("-i", think.root, "-o", out, "-t", "a", "--dtype", "float16") == 2
+    assert "--force" in capsys.readouterr().err
+    assert hc.read_manifest(out)["options"]["dtype"] == "keep"
+    assert run_cli("-i", think.root, "-o", out, "-t", "a", "--dtype", "float16", "--force") == 0
+    assert hc.read_manifest(out)["options"]["dtype"] == "float16"
+    assert_component(out, "ve", think, cast=torch.float16)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.")] == []  # no temp or old folders left
+
+
+def test_changed_input_is_not_up_to_date(think: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a")
+    os.utime(think.shard_of("model.vision_model.patch_embed.proj.weight"), ns=(1, 1))
+    with pytest.raises(hc.OutputExistsError):
+        hc.convert(think.root, out, track="a")
+
+
+def test_refuses_foreign_non_empty_output(think: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(hc.OutputExistsError):
+        hc.convert(think.root, out, track="a")
+    assert (out / "precious.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert hc.convert(think.root, empty, track="a").status == "converted"
+
+
+def test_force_keeps_old_output_when_new_conversion_fails(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a")
+    before = tree_snapshot(out)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("hcxserve.convert.converter.write_shard", boom)
+    with pytest.raises(OSError):
+        hc.convert(think.root, out, track="a", dtype="float16", force=True)
+    assert tree_snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "think"]
+
+
+def test_refuses_output_equal_to_input(think: FakeCheckpoint) -> None:
+    with pytest.raises(hc.ConvertError, match="must not be the input"):
+        hc.convert(think.root, think.root, track="a", force=True)
+
+
+# ------------------------------------------------------------------------------------------------ --verify
+
+
+def test_verify_catches_corrupted_output(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    real = safetensors_io.write_shard
+
+    def corrupting(path: Path, tensors, on_bytes=lambda n: None) -> None:
+        real(path, tensors, on_bytes)
+        with open(path, "r+b") as f:  # flip the last byte of the data section
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))
+
+    monkeypatch.setattr("hcxserve.convert.converter.write_shard", corrupting)
+    out = tmp_path / "out"
+    with pytest.raises(hc.VerifyError, match="content differs"):
+        hc.convert(think.root, out, track="a", verify=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["think"]  # nothing half-written is left
+
+
+def test_verify_catches_wrong_dtype_in_header(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    real = safetensors_io.build_header
+
+    def lying(tensors):  # claims F16 data for an F32 tensor; file sizes then disagree
+        return real(
+            [safetensors_io.OutTensor(t.name, t.src, "F16" if i == 0 else t.dtype) for i, t in enumerate(tensors)]
+        )
+
+    monkeypatch.setattr(safetensors_io, "build_header", lying)
+    with pytest.raises(hc.VerifyError):
+        hc.convert(think.root, tmp_path / "out", track="a", verify=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_verify_ok(omni: FakeCheckpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        run_cli("-i", omni.root, "-o", tmp_path / "out", "-t", "b", "--verify", "--max-shard-size", "3KB", "-q") == 0
+    )
+    assert "verified" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------- broken inputs
+
+
+def _expect_cli_error(ckpt_root: Path, out: Path, track: str, capsys, match: str, *extra: str) -> None:
+    assert run_cli("-i", ckpt_root, "-o", out, "-t", track, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert match in err, err
+    assert not out.exists()
+    assert [p for p in out.parent.iterdir() if p.name.startswith(out.name + ".")] == []
+
+
+def test_missing_shard(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    think.shard_of("model.vision_model.patch_embed.proj.weight").unlink()
+    _expect_cli_error(think.root, tmp_path / "out", "a", capsys, "missing shard file")
+
+
+def test_truncated_shard(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    shard = think.shard_of("model.vision_model.patch_embed.proj.weight")
+    os.truncate(shard, shard.stat().st_size - 10)
+    _expect_cli_error(think.root, tmp_path / "out", "a", capsys, "truncated")
+
+
+def test_corrupt_header(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    shard = think.shard_of("model.vision_model.patch_embed.proj.weight")
+    with open(shard, "r+b") as f:
+        f.write(struct.pack("<Q", 10**12))
+    _expect_cli_error(think.root, tmp_path / "out", "a", capsys, "corrupt safetensors header")
+
+
+def test_index_names_absent_tensor(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    index_path = think.root / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.vision_model.ghost.weight"] = think.shard_files[0]
+    index_path.write_text(json.dumps(index))
+    _expect_cli_error(think.root, tmp_path / "out", "a", capsys, "model.vision_model.ghost.weight")
+
+
+def test_unknown_prefix(tmp_path: Path, capsys) -> None:
+    from ckpt_factory import build_config, build_tensors, write_checkpoint
+
+    tensors = build_tensors("a") | {"model.mystery_head.weight": torch.zeros(2)}
+    write_checkpoint(tmp_path / "in", tensors, build_config("a"))
+    _expect_cli_error(tmp_path / "in", tmp_path / "out", "a", capsys, "model.mystery_head.weight")
+
+
+def test_track_a_on_omni_checkpoint(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _expect_cli_error(omni.root, tmp_path / "out", "a", capsys, "use --track b")
+
+
+def test_track_b_on_think_checkpoint(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _expect_cli_error(think.root, tmp_path / "out", "b", capsys, "model.audio_model.*", "-c", "llm", "ve")
+
+
+@pytest.mark.parametrize("drop", ["model.language_model.", "model.vision_model.", "model.mm_projector."])
+def test_missing_required_prefix(tmp_path: Path, capsys, drop: str) -> None:
+    from ckpt_factory import build_config, build_tensors, write_checkpoint
+
+    tensors = {k: v for k, v in build_tensors("a").items() if not k.startswith(drop)}
+    write_checkpoint(tmp_path / "in", tensors, build_config("a"))
+    _expect_cli_error(tmp_path / "in", tmp_path / "out", "a", capsys, "missing required tensors")
+
+
+def test_both_projector_spellings_is_ambiguous(tmp_path: Path, capsys) -> None:
+    from ckpt_factory import build_config, build_tensors, write_checkpoint
+
+    tensors = build_tensors("a") | {"model.vision_projector.weight": torch.zeros(TEXT_HIDDEN, VIT_OUT)}
+    write_checkpoint(tmp_path / "in", tensors, build_config("a"))
+    _expect_cli_error(tmp_path / "in", tmp_path / "out", "a", capsys, "cannot tell which is the projector")
+
+
+@pytest.mark.parametrize("key", ["text_config", "vision_config"])
+def test_missing_config_key(think: FakeCheckpoint, tmp_path: Path, capsys, key: str) -> None:
+    config = dict(think.config)
+    del config[key]
+    (think.root / "config.json").write_text(json.dumps(config))
+    _expect_cli_error(think.root, tmp_path / "out", "a", capsys, f"config.json lacks {key}")
+
+
+def test_missing_decoder_folder(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    shutil.rmtree(omni.root / "decoder" / "audio")
+    _expect_cli_error(omni.root, tmp_path / "out", "b", capsys, "decoder/audio/")
+
+
+def test_track_b_component_on_track_a(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _expect_cli_error(think.root, tmp_path / "out", "a", capsys, "ae", "--components", "llm", "ae")
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+
+def test_loader_prefix_and_errors(think: FakeCheckpoint, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a", max_shard_size="1KB")
+    assert (out / "llm" / "model.safetensors.index.json").exists()
+    full = hc.load_state_dict(out / "llm")
+    proj = hc.load_state_dict(out / "llm", prefix="model.mm_projector.")
+    assert set(proj) == {"weight", "bias"} and torch.equal(proj["weight"], full["model.mm_projector.weight"])
+    kept = hc.load_state_dict(out / "llm", prefix="model.mm_projector.", strip_prefix=False)
+    assert set(kept) == {"model.mm_projector.weight", "model.mm_projector.bias"}
+    with pytest.raises(hc.ComponentError, match="no tensor starts with"):
+        hc.load_state_dict(out / "llm", prefix="nope.")
+    with pytest.raises(hc.ComponentError):
+        hc.load_state_dict(tmp_path / "missing")
+    next((out / "llm").glob("model-00001-*.safetensors")).unlink()
+    with pytest.raises(hc.ComponentError, match="missing"):
+        hc.load_state_dict(out / "llm")
+
+
+# ------------------------------------------------------------------------------------- streaming internals
+
+
+def test_chunked_cast_and_windowed_verify(omni: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    """Tiny chunks force every tensor across many cast chunks, verify slices and handle re-opens."""
+    from hcxserve.convert import verify
+
+    monkeypatch.setattr(safetensors_io, "CAST_CHUNK", 64)
+    monkeypatch.setattr(verify, "VERIFY_CHUNK", 96)
+    monkeypatch.setattr(verify, "VERIFY_WINDOW", 512)
+    out = tmp_path / "out"
+    hc.convert(omni.root, out, track="b", components=["llm", "ve", "ae"], dtype="bfloat16", verify=True)
+    for component in ("llm", "ve", "ae"):
+        assert_component(out, component, omni, cast=torch.bfloat16)
+
+
+def test_verify_catches_corruption_in_a_middle_slice(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    from hcxserve.convert import verify
+
+    real = safetensors_io.write_shard
+    monkeypatch.setattr(verify, "VERIFY_CHUNK", 64)
+
+    def corrupting(path: Path, tensors, on_bytes=lambda n: None) -> None:
+        real(path, tensors, on_bytes)
+        header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+        big = max(tensors, key=lambda t: t.nbytes)
+        begin = 8 + header_len + sum(t.nbytes for t in tensors[: tensors.index(big)])
+        with open(path, "r+b") as f:  # flip one byte in the middle of the largest tensor
+            f.seek(begin + big.nbytes // 2)
+            byte = f.read(1)
+            f.seek(begin + big.nbytes // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+
+    monkeypatch.setattr("hcxserve.convert.converter.write_shard", corrupting)
+    with pytest.raises(hc.VerifyError, match="content differs"):
+        hc.convert(think.root, tmp_path / "out", track="a", verify=True)
+
+
+def test_copy_falls_back_when_copy_file_range_fails(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    def unsupported(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(safetensors_io, "COPY_CHUNK", 100)
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    out = tmp_path / "out"
+    hc.convert(think.root, out, track="a", verify=True)
+    assert_component(out, "llm", think)
