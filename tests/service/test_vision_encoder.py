@@ -1,0 +1,48 @@
+"""The VisionEncoder service in-process, on the embedded default tower: what the gateway gets back."""
+
+import base64
+import io
+
+import pytest
+import torch
+
+from bentos.track_a import CONFIG, VisionEncoder
+from hcxserve.models.vision_spec import VisionTowerSpec
+from hcxserve.protocol.payloads import ImageInput
+from tests.conftest import make_png
+
+
+@pytest.fixture(scope="module")
+def encoder(track_a_model_dir):
+    return VisionEncoder()
+
+
+def features(encoding) -> torch.Tensor:
+    return torch.load(io.BytesIO(base64.b64decode(encoding.embedding.embeds_b64)), weights_only=True)
+
+
+def test_batch_of_images_matches_one_by_one(encoder, track_a_model_dir):
+    spec = VisionTowerSpec.from_dir(track_a_model_dir / "ve")
+    images = [ImageInput(data=make_png(64, 48)), ImageInput(data=make_png(200, 120, (10, 200, 10)))]
+    batch = encoder.encode(images)
+    single = [encoder.encode([image])[0] for image in images]
+    for got, alone in zip(batch, single):
+        embedding = got.embedding
+        assert embedding.rows == spec.rows_for_grid(embedding.grid_thw)
+        assert embedding.dim == spec.out_hidden_size == features(got).shape[1]
+        assert features(got).shape[0] == embedding.rows
+        torch.testing.assert_close(features(got), features(alone), rtol=1e-4, atol=1e-5)
+    assert batch[0].embedding.grid_thw == (1, 4, 4)  # 64x48 -> resized to 56x56 -> 4x4 patches
+    assert not torch.equal(features(batch[0])[:1], features(batch[1])[:1])
+
+
+def test_a_bad_image_does_not_fail_the_batch(encoder):
+    results = encoder.encode([ImageInput(data=b"garbage"), ImageInput(data=make_png())])
+    assert results[0].embedding is None and "not a decodable image" in results[0].error
+    assert results[1].embedding is not None and results[1].error is None
+
+
+def test_config_drives_the_service():
+    assert VisionEncoder.config["resources"]["gpu"] == CONFIG.vision_encoder.gpus
+    api = VisionEncoder.apis["encode"]
+    assert api.batchable and api.max_batch_size == CONFIG.vision_encoder.max_batch_size
