@@ -3,7 +3,7 @@
 Every size, limit and switch the services use is a named field here; services and the gateway read it, never
 literals. Which file is loaded, and a few per-deployment overrides, come from the environment:
 
-- `HCX_CONFIG`: path of the track config (default: the embedded default of the track, `configs/track_<t>.embedded.yaml`).
+- `HCX_CONFIG`: path of the track config (default: the track's embedded default, `configs/track_<t>.embedded.yaml`).
 - `HCX_MODEL_DIR`: the converted component folders (`llm/`, `ve/`, ...), overriding `model_dir`.
 - `HCX_OVERRIDES`: space-separated `dotted.key=value` pairs (values parsed as YAML), e.g.
   `media.allow_private_networks=true llm.max_model_len=4096`.

@@ -39,7 +39,10 @@ def make_http_client(url: str, *, runner_name: str | None, timeout: float) -> ht
         transport = httpx.AsyncHTTPTransport(limits=limits)
         base_url = f"http://{parts.netloc}" if parts.scheme == "tcp" else url.rstrip("/")
     return httpx.AsyncClient(
-        base_url=base_url, transport=transport, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
+        base_url=base_url,
+        transport=transport,
+        headers=headers,
+        timeout=httpx.Timeout(timeout, connect=10.0),
         trust_env=False,
     )
 

@@ -73,7 +73,10 @@ def build_chunk(upstream: dict[str, Any], model: str) -> ChatCompletionChunk:
             )
         )
     return ChatCompletionChunk(
-        id=upstream["id"], created=upstream["created"], model=model, choices=choices,
+        id=upstream["id"],
+        created=upstream["created"],
+        model=model,
+        choices=choices,
         usage=_usage(upstream.get("usage")),
     )
 

@@ -43,9 +43,26 @@ ImageEncoder = Callable[[list[ImageInput]], Awaitable[Sequence[ImageEncoding]]]
 
 # Request fields handed to vLLM unchanged when the client set them.
 _PASSTHROUGH_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "min_tokens", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "seed", "stop", "n", "logprobs", "top_logprobs", "ignore_eos", "skip_special_tokens",
-    "response_format", "tools", "tool_choice", "thinking_token_budget", "include_reasoning",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "ignore_eos",
+    "skip_special_tokens",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "thinking_token_budget",
+    "include_reasoning",
 )
 
 
@@ -97,8 +114,9 @@ class ChatCompletionServing:
     # ------------------------------------------------------------------------------------------ validation
     def _check_request(self, request: ChatCompletionRequest) -> None:
         if request.model and request.model not in self._accepted_models:
-            raise NotFoundError(f"The model {request.model!r} does not exist; this endpoint serves {self.model_name!r}.",
-                                param="model")
+            raise NotFoundError(
+                f"The model {request.model!r} does not exist; this endpoint serves {self.model_name!r}.", param="model"
+            )
         if request.n > self.config.gateway.max_n:
             raise InvalidRequestError(f"n must be at most {self.config.gateway.max_n}", param="n")
         for i, message in enumerate(request.messages):
@@ -108,7 +126,8 @@ class ChatCompletionServing:
                         raise InvalidRequestError(
                             f"messages[{i}].content[{j}]: content type {part.type!r} is not supported by track "
                             f"{self.config.track.upper()} (supported: text, image_url, image)",
-                            param=f"messages[{i}].content[{j}]", code="unsupported_content_type",
+                            param=f"messages[{i}].content[{j}]",
+                            code="unsupported_content_type",
                         )
 
     @staticmethod
@@ -130,8 +149,9 @@ class ChatCompletionServing:
             return {}
         limit = self.config.media.max_images_per_request
         if len(refs) > limit:
-            raise InvalidRequestError(f"too many images: {len(refs)} (at most {limit} per request)",
-                                      param="messages", code="too_many_images")
+            raise InvalidRequestError(
+                f"too many images: {len(refs)} (at most {limit} per request)", param="messages", code="too_many_images"
+            )
         fetched = await asyncio.gather(*(self.fetcher.fetch(ref.url, param=ref.param) for ref in refs))
         for ref, media in zip(refs, fetched):
             probe_image(media.data, self.config.media, param=ref.param)
@@ -157,8 +177,14 @@ class ChatCompletionServing:
         # grid), so nothing inconsistent may reach it.
         expected_rows = self.vision_spec.rows_for_grid(embedding.grid_thw)
         if embedding.rows != expected_rows or embedding.dim != self.vision_spec.out_hidden_size:
-            logger.error("encoder output %sx%s for grid %s, expected %sx%s", embedding.rows, embedding.dim,
-                         embedding.grid_thw, expected_rows, self.vision_spec.out_hidden_size)
+            logger.error(
+                "encoder output %sx%s for grid %s, expected %sx%s",
+                embedding.rows,
+                embedding.dim,
+                embedding.grid_thw,
+                expected_rows,
+                self.vision_spec.out_hidden_size,
+            )
             raise UpstreamError("The vision encoder returned malformed features.")
 
     # ------------------------------------------------------------------------------------------ upstream request
@@ -169,8 +195,9 @@ class ChatCompletionServing:
         for i, message in enumerate(request.messages):
             out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
             if isinstance(message.content, list):
-                out["content"] = [self._upstream_part(part, embeddings.get((i, j)))
-                                  for j, part in enumerate(message.content)]
+                out["content"] = [
+                    self._upstream_part(part, embeddings.get((i, j))) for j, part in enumerate(message.content)
+                ]
             else:
                 out["content"] = message.content
             for key in ("name", "tool_call_id", "tool_calls", "reasoning_content"):

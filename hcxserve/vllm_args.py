@@ -11,26 +11,40 @@ import sys
 from hcxserve.config import TrackConfig
 
 
-def vllm_server_command(config: TrackConfig, *, model: str | None = None, port: int | None = None,
-                        embeds_only: bool = True) -> list[str]:
+def vllm_server_command(
+    config: TrackConfig, *, model: str | None = None, port: int | None = None, embeds_only: bool = True
+) -> list[str]:
     """`embeds_only`: skip the vision tower inside vLLM (our VisionEncoder service runs it) and accept
     precomputed `image_embeds`; False serves the whole VLM from pixels (the benchmark baseline)."""
     llm = config.llm
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model or str(config.component_dir("llm")),
-        "--served-model-name", llm.served_model_name,
-        "--host", "127.0.0.1",
-        "--port", str(port or llm.port),
-        "--tensor-parallel-size", str(llm.tensor_parallel_size),
-        "--dtype", llm.dtype,
-        "--max-model-len", str(llm.max_model_len),
-        "--gpu-memory-utilization", str(llm.gpu_memory_utilization),
-        "--chat-template", str(config.resolve(llm.chat_template)),
-        "--chat-template-content-format", "openai",
-        "--reasoning-parser", llm.reasoning_parser,
-        "--reasoning-config", json.dumps({"reasoning_start_str": llm.reasoning_start,
-                                          "reasoning_end_str": llm.reasoning_end}),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model or str(config.component_dir("llm")),
+        "--served-model-name",
+        llm.served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port or llm.port),
+        "--tensor-parallel-size",
+        str(llm.tensor_parallel_size),
+        "--dtype",
+        llm.dtype,
+        "--max-model-len",
+        str(llm.max_model_len),
+        "--gpu-memory-utilization",
+        str(llm.gpu_memory_utilization),
+        "--chat-template",
+        str(config.resolve(llm.chat_template)),
+        "--chat-template-content-format",
+        "openai",
+        "--reasoning-parser",
+        llm.reasoning_parser,
+        "--reasoning-config",
+        json.dumps({"reasoning_start_str": llm.reasoning_start, "reasoning_end_str": llm.reasoning_end}),
         "--enable-prefix-caching" if llm.enable_prefix_caching else "--no-enable-prefix-caching",
         "--disable-uvicorn-access-log",
     ]

@@ -5,12 +5,9 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import TrackConfig
+from hcxserve.media import decode_image
+from hcxserve.protocol.errors import MediaError
 from hcxserve.protocol.payloads import ImageEmbedding, ImageEncoding, ImageInput
-
-with bentoml.importing():
-    from hcxserve.media import decode_image
-    from hcxserve.models.vision_tower import VisionTower
-    from hcxserve.protocol.errors import MediaError
 
 
 def vision_encoder_service(config: TrackConfig) -> type:
@@ -20,12 +17,18 @@ def vision_encoder_service(config: TrackConfig) -> type:
     @bentoml.service(name="VisionEncoder", resources=resources, traffic={"timeout": cfg.timeout_s})
     class VisionEncoder:
         def __init__(self) -> None:
+            # torch is imported here, not at module level: every process of the bento (gateway, LLM proxy,
+            # circus) imports this module, and torch alone costs each of them ~400 MB of RSS.
             import torch
+
+            from hcxserve.models.vision_tower import VisionTower
 
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
             self.tower = VisionTower.from_pretrained(
-                config.component_dir("ve"), device=cfg.device, dtype=cfg.dtype,
+                config.component_dir("ve"),
+                device=cfg.device,
+                dtype=cfg.dtype,
                 attn_implementation=cfg.attn_implementation,
             )
 
@@ -41,10 +44,15 @@ def vision_encoder_service(config: TrackConfig) -> type:
                     results[i] = ImageEncoding(error=exc.message.removeprefix("image: "))
             for i, encoded in zip(positions, self.tower.encode(decoded)):
                 rows, dim = encoded.features.shape
-                results[i] = ImageEncoding(embedding=ImageEmbedding(
-                    embeds_b64=encoded.to_b64(), rows=rows, dim=dim, dtype=str(encoded.features.dtype),
-                    grid_thw=encoded.grid_thw,
-                ))
+                results[i] = ImageEncoding(
+                    embedding=ImageEmbedding(
+                        embeds_b64=encoded.to_b64(),
+                        rows=rows,
+                        dim=dim,
+                        dtype=str(encoded.features.dtype),
+                        grid_thw=encoded.grid_thw,
+                    )
+                )
             return results
 
     return VisionEncoder

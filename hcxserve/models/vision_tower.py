@@ -54,8 +54,9 @@ class VisionTower:
         from hcxserve.convert import load_state_dict
 
         ve_dir = Path(ve_dir)
-        resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                ("cpu" if device == "auto" else device))
+        resolved = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
         torch_dtype = _DTYPES[dtype]
         vision_config = json.loads((ve_dir / "config.json").read_text())["vision_config"]
         config = Qwen2_5_VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
@@ -65,8 +66,13 @@ class VisionTower:
         model.load_state_dict(load_state_dict(ve_dir, prefix="vision_model."), strict=True)
         model = model.to(device=resolved, dtype=torch_dtype).eval()
         processor = Qwen2VLImageProcessor.from_pretrained(ve_dir)
-        logger.info("vision tower loaded from %s on %s (%s, %d params)", ve_dir, resolved, dtype,
-                    sum(p.numel() for p in model.parameters()))
+        logger.info(
+            "vision tower loaded from %s on %s (%s, %d params)",
+            ve_dir,
+            resolved,
+            dtype,
+            sum(p.numel() for p in model.parameters()),
+        )
         return cls(model, processor, VisionTowerSpec.from_dir(ve_dir), resolved, torch_dtype)
 
     @torch.inference_mode()

@@ -35,7 +35,9 @@ class APIError(Exception):
         self.code = code or self.default_code
 
     def to_response(self) -> ErrorResponse:
-        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.error_type, param=self.param, code=self.code))
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.error_type, param=self.param, code=self.code)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return self.to_response().model_dump()
@@ -109,7 +111,9 @@ def invalid_request_from_validation(errors: list[dict[str, Any]]) -> InvalidRequ
     """Turn pydantic's error list into one clear 400: the most specific (deepest) error wins."""
     if not errors:
         return InvalidRequestError("Invalid request.")
-    best = max(errors, key=lambda e: (len([p for p in e["loc"] if not _is_branch_label(p)]), e["type"] != "string_type"))
+    best = max(
+        errors, key=lambda e: (len([p for p in e["loc"] if not _is_branch_label(p)]), e["type"] != "string_type")
+    )
     param = format_param(tuple(best["loc"])) or None
     message = best["msg"]
     if best["type"] == "union_tag_invalid":

@@ -2,8 +2,6 @@
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,8 +13,14 @@ pytestmark = pytest.mark.e2e
 
 def test_build_track_a_bento(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "1"}
-    result = subprocess.run(["make", "--no-print-directory", "build"], cwd=PROJECT_ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["make", "--no-print-directory", "build"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (bento_dir,) = [p for p in (tmp_path / "bentoml" / "bentos" / "hcx-track-a").iterdir() if p.is_dir()]
     bento = yaml.safe_load((bento_dir / "bento.yaml").read_text())
@@ -29,8 +33,14 @@ def test_build_track_a_bento(tmp_path):
     assert {d["service"] for d in services["TrackAGateway"]["dependencies"]} == {"LLM", "VisionEncoder"}
     assert {"/v1/chat/completions", "/a/v1/chat/completions", "/v1/models"} <= set(bento["schema"]["paths"])
     src = bento_dir / "src"
-    for path in ("bentos/track_a.py", "services/gateway.py", "hcxserve/vllm_plugin.py", "configs/track_a.yaml",
-                 "configs/chat_templates/track_a.jinja", "convert_model.py"):
+    for path in (
+        "bentos/track_a.py",
+        "services/gateway.py",
+        "hcxserve/vllm_plugin.py",
+        "configs/track_a.yaml",
+        "configs/chat_templates/track_a.jinja",
+        "convert_model.py",
+    ):
         assert (src / path).is_file(), path
     assert not (src / "models").exists() and not (src / "tests").exists()
     assert list((bento_dir / "env" / "python" / "wheels").glob("hcxserve-*.whl"))

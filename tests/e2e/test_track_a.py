@@ -89,12 +89,15 @@ def test_two_images(client, media_server):
 
 def test_multi_turn_with_system_prompt(client_a):
     last_turn = {"role": "user", "content": "What is my name?"}
-    response = ask(client_a, [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "My name is Ada."},
-        {"role": "assistant", "content": "Nice to meet you, Ada!"},
-        last_turn,
-    ])
+    response = ask(
+        client_a,
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": "Nice to meet you, Ada!"},
+            last_turn,
+        ],
+    )
     alone = ask(client_a, [last_turn], max_tokens=1)
     assert response.choices[0].message.content
     # the system prompt and both history turns reached the model (each turn adds its ChatML frame and text)
@@ -104,7 +107,9 @@ def test_multi_turn_with_system_prompt(client_a):
 def test_reasoning_with_budget(client):
     budget = 8
     response = ask(
-        client, [{"role": "user", "content": "What is 3 + 4?"}], max_tokens=48,
+        client,
+        [{"role": "user", "content": "What is 3 + 4?"}],
+        max_tokens=48,
         extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": budget, "min_tokens": 40},
     )
     message = response.choices[0].message
@@ -115,9 +120,14 @@ def test_reasoning_with_budget(client):
 
 def test_thinking_in_a_literal_extra_body_object(track_a_server):
     # OmniServe's curl examples send "extra_body" as a JSON key; the gateway flattens it
-    body = {"model": MODEL, "max_tokens": 24, "min_tokens": 20, **GREEDY,
-            "messages": [{"role": "user", "content": "What is 3 + 4?"}],
-            "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 4}}
+    body = {
+        "model": MODEL,
+        "max_tokens": 24,
+        "min_tokens": 20,
+        **GREEDY,
+        "messages": [{"role": "user", "content": "What is 3 + 4?"}],
+        "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 4},
+    }
     message = httpx.post(f"{track_a_server.url}/a/v1/chat/completions", json=body, timeout=300).json()
     assert message["choices"][0]["message"]["reasoning_content"]
 
@@ -126,8 +136,16 @@ def test_streaming_matches_non_streaming(client, media_server):
     base, _ = media_server
     messages = [user(image_url(f"{base}/red.png"), text("Describe this image."))]
     full = ask(client, messages, max_tokens=20).choices[0].message.content
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=20, stream=True, stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == full
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
@@ -135,10 +153,19 @@ def test_streaming_matches_non_streaming(client, media_server):
 
 
 def test_streaming_reasoning(client):
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is 3 + 4?"}], max_tokens=30, stream=True,
-        extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 6, "min_tokens": 30}, **GREEDY))
-    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is 3 + 4?"}],
+            max_tokens=30,
+            stream=True,
+            extra_body={"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 6, "min_tokens": 30},
+            **GREEDY,
+        )
+    )
+    reasoning = "".join(
+        (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
+    )
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert reasoning and content
 
@@ -150,14 +177,27 @@ def test_n_choices(client):
 
 BAD_REQUESTS = [
     ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "hologram", "hologram": "x"}]}]}, 400, "messages[0].content[0]"),
-    ({"messages": [{"role": "user", "content": [image_url(data_url(b"definitely not an image"))]}]}, 400,
-     "messages[0].content[0]"),
-    ({"messages": [{"role": "user", "content": [image_url("http://127.0.0.1:9/nothing.png")]}]}, 400,
-     "messages[0].content[0]"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "hologram", "hologram": "x"}]}]},
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [image_url(data_url(b"definitely not an image"))]}]},
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [image_url("http://127.0.0.1:9/nothing.png")]}]},
+        400,
+        "messages[0].content[0]",
+    ),
     ({"messages": [{"role": "user", "content": [image_url(data_url(make_png()))] * 9}]}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": [image_url(data_url(make_png(8000, 7000)))]}]}, 413,
-     "messages[0].content[0]"),
+    (
+        {"messages": [{"role": "user", "content": [image_url(data_url(make_png(8000, 7000)))]}]},
+        413,
+        "messages[0].content[0]",
+    ),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "warm"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),

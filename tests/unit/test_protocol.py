@@ -16,33 +16,42 @@ def error_of(body):
 
 
 def test_string_and_part_messages():
-    request = parse({
-        "model": "track_a_model",
-        "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": [
-                {"type": "text", "text": "what is this?"},
-                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
-                {"type": "image", "image": "data:image/png;base64,AAAA"},
-            ]},
-        ],
-    })
+    request = parse(
+        {
+            "model": "track_a_model",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                        {"type": "image", "image": "data:image/png;base64,AAAA"},
+                    ],
+                },
+            ],
+        }
+    )
     parts = request.messages[1].content
     assert [type(p) for p in parts] == [TextPart, ImageURLPart, ImagePart]
     assert parts[1].image_url.url == "https://example.com/a.png"
 
 
 def test_image_url_may_be_a_bare_string():
-    request = parse({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}]})
+    request = parse(
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}]}]}
+    )
     assert request.messages[0].content[0].image_url.url == "http://x/y.png"
 
 
 def test_literal_extra_body_is_flattened_and_wins():
-    request = parse({
-        "messages": [{"role": "user", "content": "hi"}],
-        "chat_template_kwargs": {"thinking": False},
-        "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 50},
-    })
+    request = parse(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "chat_template_kwargs": {"thinking": False},
+            "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 50},
+        }
+    )
     assert request.thinking is True
     assert request.thinking_token_budget == 50
 
@@ -70,8 +79,11 @@ def test_unknown_top_level_fields_are_ignored():
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "greater than"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "greater than"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 17}, "stop", "16"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-         "messages[0].content[0].image_url.url", "required"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].image_url.url",
+            "required",
+        ),
     ],
 )
 def test_bad_requests_name_the_field(body, param, fragment):

@@ -20,9 +20,17 @@ from tests.conftest import data_url, make_png
 SPEC = VisionTowerSpec(out_hidden_size=8, spatial_merge_size=2)
 
 VLLM_RESPONSE = {
-    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "track_a_model",
-    "choices": [{"index": 0, "finish_reason": "stop",
-                 "message": {"role": "assistant", "content": "Paris.", "reasoning": "capital of France"}}],
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "track_a_model",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "Paris.", "reasoning": "capital of France"},
+        }
+    ],
     "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
 }
 
@@ -32,8 +40,13 @@ def stream_body(*events):
 
 
 def chunk(**delta):
-    return {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
 
 
 class Recorder:
@@ -50,15 +63,22 @@ class Recorder:
 
 async def fake_encoder(items, grid=(1, 4, 4)):
     rows = SPEC.rows_for_grid(grid)
-    return [ImageEncoding(embedding=ImageEmbedding(embeds_b64=f"EMB{i}", rows=rows, dim=SPEC.out_hidden_size,
-                                                   dtype="torch.float32", grid_thw=grid)) for i in range(len(items))]
+    return [
+        ImageEncoding(
+            embedding=ImageEmbedding(
+                embeds_b64=f"EMB{i}", rows=rows, dim=SPEC.out_hidden_size, dtype="torch.float32", grid_thw=grid
+            )
+        )
+        for i in range(len(items))
+    ]
 
 
 def serving(recorder, encoder=fake_encoder, **overrides):
     config = load_track_config("a", env={"HCX_OVERRIDES": " ".join(f"{k}={v}" for k, v in overrides.items())})
     client = httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(recorder))
-    return ChatCompletionServing(config, llm=LLMClient(client), encode_images=encoder,
-                                 fetcher=MediaFetcher(config.media), vision_spec=SPEC)
+    return ChatCompletionServing(
+        config, llm=LLMClient(client), encode_images=encoder, fetcher=MediaFetcher(config.media), vision_spec=SPEC
+    )
 
 
 def run(svc, body):
@@ -67,6 +87,7 @@ def run(svc, body):
         if hasattr(result, "__aiter__"):
             return [event async for event in result]
         return result
+
     return asyncio.run(go())
 
 
@@ -79,12 +100,23 @@ IMAGE = {"type": "image_url", "image_url": {"url": data_url(make_png())}}
 
 def test_text_request_maps_sampling_and_reasoning_fields():
     recorder = Recorder()
-    response = run(serving(recorder), {
-        "model": "track_a_model", "messages": [{"role": "developer", "content": "be brief"},
-                                               {"role": "user", "content": "Capital of France?"}],
-        "max_completion_tokens": 20, "max_tokens": 99, "temperature": 0.2, "top_k": 5, "seed": 7, "stop": ["\n\n"],
-        "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 30},
-    })
+    response = run(
+        serving(recorder),
+        {
+            "model": "track_a_model",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": "Capital of France?"},
+            ],
+            "max_completion_tokens": 20,
+            "max_tokens": 99,
+            "temperature": 0.2,
+            "top_k": 5,
+            "seed": 7,
+            "stop": ["\n\n"],
+            "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 30},
+        },
+    )
     sent = recorder.requests[0]
     assert sent["model"] == "track_a_model"
     assert sent["messages"][0] == {"role": "system", "content": "be brief"}
@@ -105,8 +137,16 @@ def test_thinking_is_sent_explicitly_off_by_default():
 
 def test_images_become_validated_embedding_parts_in_order():
     recorder = Recorder()
-    run(serving(recorder), {"messages": [user({"type": "text", "text": "compare"}, IMAGE,
-                                              {"type": "image", "image": data_url(make_png(32, 32))})]})
+    run(
+        serving(recorder),
+        {
+            "messages": [
+                user(
+                    {"type": "text", "text": "compare"}, IMAGE, {"type": "image", "image": data_url(make_png(32, 32))}
+                )
+            ]
+        },
+    )
     parts = recorder.requests[0]["messages"][0]["content"]
     assert parts[0] == {"type": "text", "text": "compare"}
     assert [p["type"] for p in parts[1:]] == ["image_embeds", "image_embeds"]
@@ -140,11 +180,17 @@ def test_encoder_refusal_is_a_client_error_naming_the_part():
     [
         ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, NotFoundError, "model_not_found"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 99}, InvalidRequestError, None),
-        ({"messages": [user({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}})]},
-         InvalidRequestError, "unsupported_content_type"),
+        (
+            {"messages": [user({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}})]},
+            InvalidRequestError,
+            "unsupported_content_type",
+        ),
         ({"messages": [user(*[IMAGE] * 9)]}, InvalidRequestError, "too_many_images"),
-        ({"messages": [user({"type": "image_url", "image_url": {"url": data_url(b"not an image")}})]},
-         MediaError, "invalid_media"),
+        (
+            {"messages": [user({"type": "image_url", "image_url": {"url": data_url(b"not an image")}})]},
+            MediaError,
+            "invalid_media",
+        ),
     ],
 )
 def test_bad_requests_fail_before_the_llm(body, error, code):
@@ -157,19 +203,26 @@ def test_bad_requests_fail_before_the_llm(body, error, code):
 
 def test_llm_400_is_passed_on_and_500_is_hidden():
     with pytest.raises(InvalidRequestError, match="too long"):
-        run(serving(Recorder(400, {"error": {"message": "prompt too long", "code": 400}})),
-            {"messages": [{"role": "user", "content": "x"}]})
+        run(
+            serving(Recorder(400, {"error": {"message": "prompt too long", "code": 400}})),
+            {"messages": [{"role": "user", "content": "x"}]},
+        )
     with pytest.raises(UpstreamError) as info:
-        run(serving(Recorder(500, {"error": {"message": "CUDA error at /secret/path.py"}})),
-            {"messages": [{"role": "user", "content": "x"}]})
+        run(
+            serving(Recorder(500, {"error": {"message": "CUDA error at /secret/path.py"}})),
+            {"messages": [{"role": "user", "content": "x"}]},
+        )
     assert "secret" not in info.value.message
 
 
 def test_stream_renames_reasoning_and_ends_with_done():
-    recorder = Recorder(stream=stream_body(chunk(role="assistant", content=""), chunk(reasoning="hmm"),
-                                           chunk(content="Paris")))
-    events = run(serving(recorder), {"messages": [{"role": "user", "content": "x"}], "stream": True,
-                                     "stream_options": {"include_usage": True}})
+    recorder = Recorder(
+        stream=stream_body(chunk(role="assistant", content=""), chunk(reasoning="hmm"), chunk(content="Paris"))
+    )
+    events = run(
+        serving(recorder),
+        {"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert recorder.requests[0]["stream_options"]["include_usage"] is True
     assert events[-1] == "data: [DONE]\n\n"
     payloads = [json.loads(e[6:]) for e in events[:-1]]
@@ -179,8 +232,10 @@ def test_stream_renames_reasoning_and_ends_with_done():
 
 
 def test_mid_stream_failure_becomes_an_error_event():
-    recorder = Recorder(stream="data: " + json.dumps(chunk(content="Pa")) + "\n\ndata: {\"error\": "
-                        "{\"message\": \"engine died\", \"code\": 500}}\n\n")
+    recorder = Recorder(
+        stream="data: " + json.dumps(chunk(content="Pa")) + '\n\ndata: {"error": '
+        '{"message": "engine died", "code": 500}}\n\n'
+    )
     events = run(serving(recorder), {"messages": [{"role": "user", "content": "x"}], "stream": True})
     assert json.loads(events[0][6:])["choices"][0]["delta"]["content"] == "Pa"
     error = json.loads(events[1][6:])["error"]
@@ -190,6 +245,8 @@ def test_mid_stream_failure_becomes_an_error_event():
 
 def test_error_before_first_chunk_raises_for_a_proper_status():
     with pytest.raises(APIError) as info:
-        run(serving(Recorder(400, {"error": {"message": "bad"}})),
-            {"messages": [{"role": "user", "content": "x"}], "stream": True})
+        run(
+            serving(Recorder(400, {"error": {"message": "bad"}})),
+            {"messages": [{"role": "user", "content": "x"}], "stream": True},
+        )
     assert info.value.status_code == 400

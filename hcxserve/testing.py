@@ -1,0 +1,89 @@
+"""Running a server as a child process tree, for the end-to-end tests and the benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from hcxserve.config import PROJECT_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServedProcess:
+    """A server started with its output in `log_path`; `stop()` ends its whole process tree."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, *, url: str = "") -> None:
+        self.url = url
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            cmd, cwd=PROJECT_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.ready_after_s: float | None = None
+
+    def wait_ready(self, url: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log tail:\n{self.tail()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    self.ready_after_s = time.monotonic() - self.started
+                    return self.ready_after_s
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"not ready after {timeout}s; log tail:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def rss_by_process(self) -> dict[str, float]:
+        """RSS in MB of every process of the tree, keyed by what it is."""
+        out: dict[str, float] = {}
+        root = psutil.Process(self.proc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                name, cmd = p.name(), " ".join(p.cmdline())
+                if "--service-name" in cmd:
+                    name = "bentoml worker " + cmd.split("--service-name")[1].split()[0]
+                elif "vllm.entrypoints" in cmd:
+                    name = "vLLM API server"
+                key, n = name, 2
+                while key in out:
+                    key, n = f"{name} #{n}", n + 1
+                out[key] = p.memory_info().rss / 2**20
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM the root, then whatever of its tree is still alive. BentoML's circus and its workers run in
+        their own process groups, so signalling the group of `bentoml serve` alone can leave workers behind."""
+        try:
+            tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        if tree:
+            tree[0].terminate()
+            _, alive = psutil.wait_procs(tree[:1], timeout=timeout)
+            for p in [*alive, *tree[1:]]:
+                try:
+                    p.terminate()
+                except psutil.NoSuchProcess:
+                    pass
+            for p in psutil.wait_procs(tree, timeout=10)[1]:
+                p.kill()
+        self.proc.wait()
+        self._log.close()
