@@ -98,6 +98,8 @@ class StreamOptions(_Strict):
 
 
 # ---------------------------------------------------------------------------------------------- request
+CHAT_TEMPLATE_KWARGS = frozenset({"thinking", "enable_thinking", "skip_reasoning"})
+
 class ChatCompletionRequest(_Strict):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -138,6 +140,15 @@ class ChatCompletionRequest(_Strict):
         if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
             data = {**{k: v for k, v in data.items() if k != "extra_body"}, **data["extra_body"]}
         return data
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _known_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Other keys would become chat-template variables a client could use to rewrite the prompt framing.
+        unknown = sorted(set(value or {}) - CHAT_TEMPLATE_KWARGS)
+        if unknown:
+            raise ValueError(f"unsupported keys {unknown}; supported: {sorted(CHAT_TEMPLATE_KWARGS)}")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -80,6 +80,11 @@ def test_unknown_top_level_fields_are_ignored():
         ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "greater than"),
         ({"messages": [{"role": "user", "content": "x"}], "stop": ["s"] * 17}, "stop", "16"),
         (
+            {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"add_generation_prompt": False}},
+            "chat_template_kwargs",
+            "add_generation_prompt",
+        ),
+        (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages[0].content[0].image_url.url",
             "required",
