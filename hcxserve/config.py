@@ -58,7 +58,9 @@ class VisionEncoderConfig(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_batch_size: PositiveInt = 16
-    max_latency_ms: PositiveInt = 2000
+    max_latency_ms: PositiveInt = Field(
+        10000, description="BentoML answers 503 to calls it cannot finish within this; the batching window is learned."
+    )
     threads: PositiveInt | None = Field(None, description="torch intra-op threads on CPU (None: torch default).")
     gpus: PositiveInt = 1
     gpu_type: str | None = None

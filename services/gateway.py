@@ -24,6 +24,7 @@ from hcxserve.protocol.errors import (
     APIError,
     InvalidRequestError,
     PayloadTooLargeError,
+    ServiceUnavailableError,
     internal_error,
     invalid_request_from_validation,
 )
@@ -105,11 +106,17 @@ def gateway_service(config: TrackConfig, *, name: str, encoder_service, llm_serv
             self.serving = ChatCompletionServing(
                 config,
                 llm=LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=config.llm.timeout_s),
-                # resolved per call: the dependency proxy gets its methods only once the server is running
-                encode_images=lambda items: self.vision_encoder.to_async.encode(items),
+                encode_images=self._encode_images,
                 fetcher=MediaFetcher(config.media),
                 vision_spec=VisionTowerSpec.from_dir(config.component_dir("ve")),
             )
+
+        async def _encode_images(self, items):
+            # resolved per call: the dependency proxy gets its methods only once the server is running
+            try:
+                return await self.vision_encoder.to_async.encode(items)
+            except bentoml.exceptions.ServiceUnavailable:
+                raise ServiceUnavailableError("The vision encoder is overloaded; retry shortly.") from None
 
         @bentoml.on_shutdown
         async def _stop(self) -> None:
