@@ -32,7 +32,8 @@ class EncodedImage:
     def to_b64(self) -> str:
         """vLLM's `image_embeds` wire form: base64 of `torch.save` (it loads with weights_only=True)."""
         buffer = io.BytesIO()
-        torch.save(self.features.contiguous().cpu(), buffer)
+        # clone: `features` is a view into the whole batch's output, and torch.save writes a view's entire storage
+        torch.save(self.features.detach().cpu().clone(), buffer)
         return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -46,3 +46,10 @@ def test_config_drives_the_service():
     assert VisionEncoder.config["resources"]["gpu"] == CONFIG.vision_encoder.gpus
     api = VisionEncoder.apis["encode"]
     assert api.batchable and api.max_batch_size == CONFIG.vision_encoder.max_batch_size
+
+
+def test_each_embedding_carries_only_its_own_rows(encoder):
+    # a batch's features are views into one tensor; serialising a view must not ship the whole batch
+    results = encoder.encode([ImageInput(data=make_png(448, 336)) for _ in range(4)])
+    single_size = len(encoder.encode([ImageInput(data=make_png(448, 336))])[0].embedding.embeds_b64)
+    assert all(len(r.embedding.embeds_b64) == single_size for r in results)
