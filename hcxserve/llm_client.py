@@ -8,9 +8,10 @@ they may describe internals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,13 +84,8 @@ class LLMClient:
             return False
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
+        with _transport_errors(ServiceUnavailableError("The language model is unreachable.")):
             response = await self._client.post("/v1/chat/completions", json=body)
-        except httpx.TimeoutException:
-            raise UpstreamTimeoutError("The language model timed out.") from None
-        except httpx.HTTPError as exc:
-            logger.error("LLM unreachable: %r", exc)
-            raise ServiceUnavailableError("The language model is unreachable.") from None
         if response.status_code != 200:
             raise _error_from_upstream(response.status_code, response.content)
         return response.json()
@@ -98,31 +94,39 @@ class LLMClient:
         """Yield vLLM's stream chunks as dicts. Errors before the first chunk raise; later ones too (the caller
         turns them into an in-stream error event)."""
         request = self._client.build_request("POST", "/v1/chat/completions", json=body)
-        try:
+        with _transport_errors(ServiceUnavailableError("The language model is unreachable.")):
             response = await self._client.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise UpstreamTimeoutError("The language model timed out.") from None
-        except httpx.HTTPError as exc:
-            logger.error("LLM unreachable: %r", exc)
-            raise ServiceUnavailableError("The language model is unreachable.") from None
         try:
-            if response.status_code != 200:
-                raise _error_from_upstream(response.status_code, await response.aread())
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                event = json.loads(data)
-                if "error" in event:
-                    error = event["error"] or {}
-                    raise _error_from_upstream(int(error.get("code") or 500), json.dumps(event).encode())
-                yield event
-        except httpx.TimeoutException:
-            raise UpstreamTimeoutError("The language model timed out mid-stream.") from None
-        except httpx.HTTPError as exc:
-            logger.error("LLM stream broken: %r", exc)
-            raise UpstreamError("The language model stream was interrupted.") from None
+            with _transport_errors(UpstreamError("The language model stream was interrupted.")):
+                async for event in _sse_events(response):
+                    yield event
         finally:
             await response.aclose()
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    if response.status_code != 200:
+        raise _error_from_upstream(response.status_code, await response.aread())
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            error = event["error"] or {}
+            raise _error_from_upstream(int(error.get("code") or 500), json.dumps(event).encode())
+        yield event
+
+
+@contextlib.contextmanager
+def _transport_errors(on_failure: APIError) -> Iterator[None]:
+    """Map httpx transport failures to API errors (a timeout is always a 504)."""
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise UpstreamTimeoutError("The language model timed out.") from None
+    except httpx.HTTPError as exc:
+        logger.error("LLM transport error: %r", exc)
+        raise on_failure from None

@@ -250,3 +250,16 @@ def test_error_before_first_chunk_raises_for_a_proper_status():
             {"messages": [{"role": "user", "content": "x"}], "stream": True},
         )
     assert info.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"), [(httpx.ConnectError("refused"), 503), (httpx.ReadTimeout("slow"), 504)]
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_transport_failures_map_to_503_and_504(failure, status, stream):
+    def broken(request):
+        raise failure
+
+    with pytest.raises(APIError) as info:
+        run(serving(broken), {"messages": [{"role": "user", "content": "x"}], "stream": stream})
+    assert info.value.status_code == status
