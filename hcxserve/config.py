@@ -74,6 +74,14 @@ class MediaConfig(_Section):
     max_image_bytes: PositiveInt = 20 * 1024 * 1024
     max_image_pixels: PositiveInt = 50_000_000
     min_image_side: PositiveInt = 4
+    max_videos_per_request: PositiveInt = 2
+    max_video_bytes: PositiveInt = 200 * 1024 * 1024
+    max_video_seconds: PositiveFloat = 600.0
+    max_video_frames_given: PositiveInt = Field(256, description="Longest list-of-frames video a client may send.")
+    video_fps: PositiveFloat = Field(2.0, description="Frames sampled per second of video (clients may ask less).")
+    video_min_frames: PositiveInt = 4
+    video_max_frames: PositiveInt = 170
+    video_max_pixels: PositiveInt = Field(378 * 378, description="Pixel budget per frame (clients may ask less).")
     fetch_timeout_s: PositiveFloat = 15.0
     max_redirects: int = Field(3, ge=0)
     allow_private_networks: bool = Field(

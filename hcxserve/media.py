@@ -40,26 +40,27 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def fetch(self, ref: str, *, param: str) -> FetchedMedia:
+    async def fetch(self, ref: str, *, param: str, max_bytes: int | None = None) -> FetchedMedia:
+        """`max_bytes` defaults to the image limit."""
         ref = ref.strip()
+        limit = max_bytes or self.config.max_image_bytes
         scheme = urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
         if scheme == "data":
-            return FetchedMedia(self._decode_data_url(ref, param), "data_url")
+            return FetchedMedia(self._decode_data_url(ref, param, limit), "data_url")
         if scheme in ("http", "https"):
-            return FetchedMedia(await self._download(ref, param), "url")
+            return FetchedMedia(await self._download(ref, param, limit), "url")
         if scheme:
             raise MediaError(f"{param}: unsupported URL scheme {scheme!r}; use http(s) or a data: URL", param=param)
-        return FetchedMedia(self._decode_base64(ref, param), "base64")
+        return FetchedMedia(self._decode_base64(ref, param, limit), "base64")
 
     # ------------------------------------------------------------------------------------------ inline data
-    def _check_size(self, size: int, param: str) -> None:
-        if size > self.config.max_image_bytes:
-            raise PayloadTooLargeError(
-                f"{param}: media is {size} bytes, over the limit of {self.config.max_image_bytes}", param=param
-            )
+    @staticmethod
+    def _check_size(size: int, param: str, limit: int) -> None:
+        if size > limit:
+            raise PayloadTooLargeError(f"{param}: media is {size} bytes, over the limit of {limit}", param=param)
 
-    def _decode_base64(self, text: str, param: str) -> bytes:
-        self._check_size(len(text) * 3 // 4, param)
+    def _decode_base64(self, text: str, param: str, limit: int) -> bytes:
+        self._check_size(len(text) * 3 // 4, param, limit)
         try:
             data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         except (binascii.Error, ValueError):
@@ -68,13 +69,13 @@ class MediaFetcher:
             raise MediaError(f"{param}: empty media", param=param)
         return data
 
-    def _decode_data_url(self, url: str, param: str) -> bytes:
+    def _decode_data_url(self, url: str, param: str, limit: int) -> bytes:
         header, sep, payload = url[5:].partition(",")
         if not sep:
             raise MediaError(f"{param}: malformed data: URL (no comma)", param=param)
         if header.endswith(";base64"):
-            return self._decode_base64(payload.strip(), param)
-        self._check_size(len(payload), param)
+            return self._decode_base64(payload.strip(), param, limit)
+        self._check_size(len(payload), param, limit)
         data = unquote_to_bytes(payload)
         if not data:
             raise MediaError(f"{param}: empty media", param=param)
@@ -100,7 +101,7 @@ class MediaFetcher:
                     code="forbidden_url",
                 )
 
-    async def _download(self, url: str, param: str) -> bytes:
+    async def _download(self, url: str, param: str, limit: int) -> bytes:
         for _ in range(self.config.max_redirects + 1):
             await self._check_host(url, param)
             try:
@@ -117,11 +118,11 @@ class MediaFetcher:
                             code="unreachable_url",
                         )
                     declared = int(response.headers.get("content-length") or 0)
-                    self._check_size(declared, param)
+                    self._check_size(declared, param, limit)
                     buffer = io.BytesIO()
                     async for chunk in response.aiter_bytes():
                         buffer.write(chunk)
-                        self._check_size(buffer.tell(), param)
+                        self._check_size(buffer.tell(), param, limit)
             except httpx.TimeoutException:
                 raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None
             except httpx.HTTPError as exc:

@@ -30,6 +30,7 @@ from hcxserve.protocol.errors import (
 )
 from hcxserve.protocol.openai import ChatCompletionRequest
 from hcxserve.serving import ChatCompletionServing
+from hcxserve.visual_inputs import VisualInputs
 
 logger = logging.getLogger(__name__)
 
@@ -103,24 +104,27 @@ def gateway_service(config: TrackConfig, *, name: str, encoder_service, llm_serv
         @bentoml.on_startup
         async def _start(self) -> None:
             llm_url = llm_service_.url or f"http://127.0.0.1:{config.llm.port}"
-            self.serving = ChatCompletionServing(
-                config,
-                llm=LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=config.llm.timeout_s),
-                encode_images=self._encode_images,
-                fetcher=MediaFetcher(config.media),
-                vision_spec=VisionTowerSpec.from_dir(config.component_dir("ve")),
+            self.fetcher = MediaFetcher(config.media)
+            visual_inputs = VisualInputs(
+                config.media,
+                fetcher=self.fetcher,
+                spec=VisionTowerSpec.from_dir(config.component_dir("ve")),
+                encode_images=lambda items: self._call_encoder("encode", items),
+                encode_videos=lambda items: self._call_encoder("encode_videos", items),
             )
+            llm = LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=config.llm.timeout_s)
+            self.serving = ChatCompletionServing(config, llm=llm, visual_inputs=visual_inputs)
 
-        async def _encode_images(self, items):
+        async def _call_encoder(self, method: str, items):
             # resolved per call: the dependency proxy gets its methods only once the server is running
             try:
-                return await self.vision_encoder.to_async.encode(items)
+                return await getattr(self.vision_encoder.to_async, method)(items)
             except bentoml.exceptions.ServiceUnavailable:
                 raise ServiceUnavailableError("The vision encoder is overloaded; retry shortly.") from None
 
         @bentoml.on_shutdown
         async def _stop(self) -> None:
             await self.serving.llm.aclose()
-            await self.serving.fetcher.aclose()
+            await self.fetcher.aclose()
 
     return Gateway

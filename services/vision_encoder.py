@@ -1,4 +1,5 @@
-"""Vision encoder component: the Qwen2.5-VL tower, with adaptive batching across concurrent requests."""
+"""Vision encoder component: the Qwen2.5-VL tower. Images are batched across concurrent requests; videos are
+decoded and sampled here (next to the accelerator) and encoded one by one."""
 
 from __future__ import annotations
 
@@ -6,8 +7,22 @@ import bentoml
 
 from hcxserve.config import TrackConfig
 from hcxserve.media import decode_image
-from hcxserve.protocol.errors import MediaError
-from hcxserve.protocol.payloads import ImageEmbedding, ImageEncoding, ImageInput
+from hcxserve.protocol.errors import InvalidRequestError, MediaError
+from hcxserve.protocol.payloads import ImageInput, VideoInput, VisionEmbedding, VisionEncoding
+from hcxserve.video import pad_to_temporal_patch, sample_video
+
+
+def _encoding(encoded) -> VisionEncoding:
+    rows, dim = encoded.features.shape
+    return VisionEncoding(
+        embedding=VisionEmbedding(
+            embeds_b64=encoded.to_b64(),
+            rows=rows,
+            dim=dim,
+            dtype=str(encoded.features.dtype),
+            grid_thw=encoded.grid_thw,
+        )
+    )
 
 
 def vision_encoder_service(config: TrackConfig) -> type:
@@ -33,26 +48,44 @@ def vision_encoder_service(config: TrackConfig) -> type:
             )
 
         @bentoml.api(batchable=True, max_batch_size=cfg.max_batch_size, max_latency_ms=cfg.max_latency_ms)
-        def encode(self, images: list[ImageInput]) -> list[ImageEncoding]:
-            results: list[ImageEncoding | None] = [None] * len(images)
+        def encode(self, images: list[ImageInput]) -> list[VisionEncoding]:
+            results: list[VisionEncoding | None] = [None] * len(images)
             decoded, positions = [], []
             for i, item in enumerate(images):
                 try:
                     decoded.append(decode_image(item.data, config.media))
                     positions.append(i)
                 except MediaError as exc:  # one bad image must not fail the others in the batch
-                    results[i] = ImageEncoding(error=exc.message.removeprefix("image: "))
+                    results[i] = VisionEncoding(error=exc.message.removeprefix("image: "))
             for i, encoded in zip(positions, self.tower.encode(decoded)):
-                rows, dim = encoded.features.shape
-                results[i] = ImageEncoding(
-                    embedding=ImageEmbedding(
-                        embeds_b64=encoded.to_b64(),
-                        rows=rows,
-                        dim=dim,
-                        dtype=str(encoded.features.dtype),
-                        grid_thw=encoded.grid_thw,
-                    )
-                )
+                results[i] = _encoding(encoded)
             return results
+
+        @bentoml.api
+        def encode_videos(self, videos: list[VideoInput]) -> list[VisionEncoding]:
+            return [self._encode_video(video) for video in videos]
+
+        def _encode_video(self, video: VideoInput) -> VisionEncoding:
+            import numpy as np
+
+            media = config.media
+            try:
+                if video.frames is not None:
+                    images = [decode_image(frame, media, param="frame") for frame in video.frames]
+                    if len({image.size for image in images}) > 1:
+                        return VisionEncoding(error="all frames of a video must have the same size")
+                    frames = pad_to_temporal_patch(np.stack([np.asarray(image) for image in images]))
+                else:
+                    frames = sample_video(
+                        video.data,
+                        fps=video.fps,
+                        min_frames=media.video_min_frames,
+                        max_frames=media.video_max_frames,
+                        max_seconds=media.max_video_seconds,
+                    ).frames
+            except InvalidRequestError as exc:
+                message = exc.message.removeprefix("video: ").removeprefix("frame: ")
+                return VisionEncoding(error=message, status=exc.status_code)
+            return _encoding(self.tower.encode_video(frames, max_pixels=video.max_pixels))
 
     return VisionEncoder

@@ -25,7 +25,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 @dataclass
-class EncodedImage:
+class VisionFeatures:
     features: torch.Tensor  # (rows, out_hidden_size)
     grid_thw: tuple[int, int, int]
 
@@ -38,9 +38,12 @@ class EncodedImage:
 
 
 class VisionTower:
-    def __init__(self, model, processor, spec: VisionTowerSpec, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model, processor, video_processor, spec: VisionTowerSpec, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.model = model
         self.processor = processor
+        self.video_processor = video_processor
         self.spec = spec
         self.device = device
         self.dtype = dtype
@@ -49,7 +52,7 @@ class VisionTower:
     def from_pretrained(
         cls, ve_dir: str | Path, *, device: str = "auto", dtype: str = "bfloat16", attn_implementation: str = "sdpa"
     ) -> VisionTower:
-        from transformers import Qwen2_5_VLVisionConfig, Qwen2VLImageProcessor
+        from transformers import Qwen2_5_VLVisionConfig, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         from hcxserve.convert import load_state_dict
@@ -74,17 +77,34 @@ class VisionTower:
             dtype,
             sum(p.numel() for p in model.parameters()),
         )
-        return cls(model, processor, VisionTowerSpec.from_dir(ve_dir), resolved, torch_dtype)
+        video_processor = Qwen2VLVideoProcessor.from_pretrained(ve_dir)
+        return cls(model, processor, video_processor, VisionTowerSpec.from_dir(ve_dir), resolved, torch_dtype)
 
     @torch.inference_mode()
-    def encode(self, images: list) -> list[EncodedImage]:
+    def encode(self, images: list) -> list[VisionFeatures]:
         """Encode PIL images in one forward pass (the ViT attends within each image, so batching is exact)."""
         if not images:
             return []
         batch = self.processor(images=images, return_tensors="pt")
-        pixel_values = batch["pixel_values"].to(self.device, self.dtype)
-        grid = batch["image_grid_thw"].to(self.device)
-        features = self.model(pixel_values, grid_thw=grid).pooler_output
-        grids = [tuple(int(v) for v in row) for row in batch["image_grid_thw"].tolist()]
+        return self._forward(batch["pixel_values"], batch["image_grid_thw"])
+
+    @torch.inference_mode()
+    def encode_video(self, frames, *, max_pixels: int) -> VisionFeatures:
+        """Encode sampled frames ((T, H, W, 3) uint8, T even), each resized to at most `max_pixels`."""
+        min_pixels = self.video_processor.size["shortest_edge"]
+        batch = self.video_processor(
+            videos=[frames],
+            return_tensors="pt",
+            do_sample_frames=False,
+            cap_pixels_per_frame=True,
+            size={"shortest_edge": min(min_pixels, max_pixels), "longest_edge": max_pixels},
+        )
+        (features,) = self._forward(batch["pixel_values_videos"], batch["video_grid_thw"])
+        return features
+
+    def _forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[VisionFeatures]:
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        features = self.model(pixel_values, grid_thw=grid_thw.to(self.device)).pooler_output
+        grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         sizes = [self.spec.rows_for_grid(g) for g in grids]
-        return [EncodedImage(f, g) for f, g in zip(features.split(sizes), grids)]
+        return [VisionFeatures(f, g) for f, g in zip(features.split(sizes), grids)]

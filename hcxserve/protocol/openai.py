@@ -45,14 +45,26 @@ class ImagePart(_Strict):
     image: str = Field(min_length=1)
 
 
-class VideoURLPart(_Strict):
+class _VideoOptions(_Strict):
+    fps: float | None = Field(None, gt=0, le=30, description="Frames sampled per second (capped by the server).")
+    max_pixels: int | None = Field(None, ge=784, description="Pixel budget per frame (capped by the server).")
+
+
+class VideoURLPart(_VideoOptions):
     type: Literal["video_url"]
     video_url: URLRef
 
+    @field_validator("video_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
 
-class VideoPart(_Strict):
+
+class VideoPart(_VideoOptions):
+    """`{"type": "video", "video": <video URL> | [<frame URL>, ...]}` (the Qwen/vLLM form)."""
+
     type: Literal["video"]
-    video: str | list[str]
+    video: str | list[str] = Field(min_length=1)
 
 
 class InputAudio(_Strict):
@@ -75,6 +87,7 @@ ContentPart = Annotated[
     Field(discriminator="type"),
 ]
 IMAGE_PART_TYPES = (ImageURLPart, ImagePart)
+VIDEO_PART_TYPES = (VideoURLPart, VideoPart)
 
 
 class ChatMessage(_Strict):
@@ -99,6 +112,7 @@ class StreamOptions(_Strict):
 
 # ---------------------------------------------------------------------------------------------- request
 CHAT_TEMPLATE_KWARGS = frozenset({"thinking", "enable_thinking", "skip_reasoning"})
+
 
 class ChatCompletionRequest(_Strict):
     model: str | None = None

@@ -14,8 +14,17 @@ class ImageInput(BaseModel):
     data: bytes = Field(repr=False)
 
 
-class ImageEmbedding(BaseModel):
-    """Vision-tower output for one image, in the form vLLM's `image_embeds` content part takes.
+class VideoInput(BaseModel):
+    """One video: a fetched file to decode and sample (`data`), or already-fetched frames (`frames`)."""
+
+    data: bytes | None = Field(None, repr=False)
+    frames: list[bytes] | None = Field(None, repr=False)
+    fps: float
+    max_pixels: int
+
+
+class VisionEmbedding(BaseModel):
+    """Vision-tower output for one image or video, in the form vLLM's `image_embeds`/`video_embeds` parts take.
 
     `embeds_b64` is base64 of `torch.save(tensor)` of shape (rows, dim): the ViT merger output, before the
     projector (the LLM applies it). `grid_thw` is in patch units; rows == t*h*w / merge**2.
@@ -28,8 +37,9 @@ class ImageEmbedding(BaseModel):
     grid_thw: tuple[int, int, int]
 
 
-class ImageEncoding(BaseModel):
-    """Per-image result of a (batched) encode call: an embedding, or why this one image was refused."""
+class VisionEncoding(BaseModel):
+    """Per-item result of an encode call: an embedding, or why this one image or video was refused."""
 
-    embedding: ImageEmbedding | None = None
+    embedding: VisionEmbedding | None = None
     error: str | None = None
+    status: int = 400  # of the client error (413 when over a limit)

@@ -87,6 +87,17 @@ def test_two_images(client, media_server):
     assert two.usage.prompt_tokens > one.usage.prompt_tokens
 
 
+def test_video_url_and_frame_list(client, media_server):
+    base, _ = media_server
+    question = text("What happens in this video?")
+    clip = ask(client, [user({"type": "video_url", "video_url": {"url": f"{base}/clip.mp4"}}, question)])
+    frames = ask(client, [user({"type": "video", "video": [f"{base}/red.png", f"{base}/red.png"]}, question)])
+    no_video = ask(client, [user(question)], max_tokens=1)
+    assert clip.choices[0].message.content and frames.choices[0].message.content
+    # 3 s at 2 fps = 6 frames = 3 temporal patches of merged 112x112-budget frames, plus the video's header text
+    assert clip.usage.prompt_tokens > frames.usage.prompt_tokens > no_video.usage.prompt_tokens
+
+
 def test_multi_turn_with_system_prompt(client_a):
     last_turn = {"role": "user", "content": "What is my name?"}
     response = ask(
@@ -197,6 +208,23 @@ BAD_REQUESTS = [
         {"messages": [{"role": "user", "content": [image_url(data_url(make_png(8000, 7000)))]}]},
         413,
         "messages[0].content[0]",
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "video_url", "video_url": {"url": data_url(b"nope", "video/mp4")}}],
+                }
+            ]
+        },
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": [image_url("x")]}]}]},
+        400,
+        "messages[0].content[0].video[0]",
     ),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "warm"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content"),

@@ -8,8 +8,8 @@ import torch
 
 from bentos.track_a import CONFIG, VisionEncoder
 from hcxserve.models.vision_spec import VisionTowerSpec
-from hcxserve.protocol.payloads import ImageInput
-from tests.conftest import make_png
+from hcxserve.protocol.payloads import ImageInput, VideoInput
+from tests.conftest import make_mp4, make_png
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,32 @@ def test_each_embedding_carries_only_its_own_rows(encoder):
     results = encoder.encode([ImageInput(data=make_png(448, 336)) for _ in range(4)])
     single_size = len(encoder.encode([ImageInput(data=make_png(448, 336))])[0].embedding.embeds_b64)
     assert all(len(r.embedding.embeds_b64) == single_size for r in results)
+
+
+def test_video_file_and_frame_list(encoder, track_a_model_dir):
+    spec = VisionTowerSpec.from_dir(track_a_model_dir / "ve")
+    clip, frames = encoder.encode_videos(
+        [
+            VideoInput(data=make_mp4(seconds=3, fps=10), fps=2.0, max_pixels=112 * 112),
+            VideoInput(frames=[make_png(64, 48, (i * 40, 0, 0)) for i in range(3)], fps=2.0, max_pixels=112 * 112),
+        ]
+    )
+    assert clip.embedding.grid_thw[0] == 3  # 3 s at 2 fps = 6 frames = 3 temporal patches
+    assert frames.embedding.grid_thw[0] == 2  # 3 frames, padded to 4
+    for result in (clip, frames):
+        grid = result.embedding.grid_thw
+        assert result.embedding.rows == spec.rows_for_grid(grid) == features(result).shape[0]
+        assert grid[1] * grid[2] * 14 * 14 <= 112 * 112
+
+
+def test_bad_videos_are_refused_per_item(encoder):
+    bad, mixed, good = encoder.encode_videos(
+        [
+            VideoInput(data=b"garbage", fps=2.0, max_pixels=12544),
+            VideoInput(frames=[make_png(64, 48), make_png(32, 32)], fps=2.0, max_pixels=12544),
+            VideoInput(data=make_mp4(seconds=1), fps=2.0, max_pixels=12544),
+        ]
+    )
+    assert bad.embedding is None and "not a decodable video" in bad.error and bad.status == 400
+    assert mixed.embedding is None and "same size" in mixed.error
+    assert good.embedding is not None

@@ -13,8 +13,9 @@ from hcxserve.media import MediaFetcher
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.errors import APIError, InvalidRequestError, MediaError, NotFoundError, UpstreamError
 from hcxserve.protocol.openai import ChatCompletionRequest
-from hcxserve.protocol.payloads import ImageEmbedding, ImageEncoding
+from hcxserve.protocol.payloads import VisionEmbedding, VisionEncoding
 from hcxserve.serving import ChatCompletionServing
+from hcxserve.visual_inputs import VisualInputs
 from tests.conftest import data_url, make_png
 
 SPEC = VisionTowerSpec(out_hidden_size=8, spatial_merge_size=2)
@@ -64,8 +65,8 @@ class Recorder:
 async def fake_encoder(items, grid=(1, 4, 4)):
     rows = SPEC.rows_for_grid(grid)
     return [
-        ImageEncoding(
-            embedding=ImageEmbedding(
+        VisionEncoding(
+            embedding=VisionEmbedding(
                 embeds_b64=f"EMB{i}", rows=rows, dim=SPEC.out_hidden_size, dtype="torch.float32", grid_thw=grid
             )
         )
@@ -73,12 +74,17 @@ async def fake_encoder(items, grid=(1, 4, 4)):
     ]
 
 
-def serving(recorder, encoder=fake_encoder, **overrides):
+async def fake_video_encoder(items):
+    return await fake_encoder(items, grid=(2, 4, 4))
+
+
+def serving(recorder, encoder=fake_encoder, video_encoder=fake_video_encoder, **overrides):
     config = load_track_config("a", env={"HCX_OVERRIDES": " ".join(f"{k}={v}" for k, v in overrides.items())})
     client = httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(recorder))
-    return ChatCompletionServing(
-        config, llm=LLMClient(client), encode_images=encoder, fetcher=MediaFetcher(config.media), vision_spec=SPEC
+    visual_inputs = VisualInputs(
+        config.media, fetcher=MediaFetcher(config.media), spec=SPEC, encode_images=encoder, encode_videos=video_encoder
     )
+    return ChatCompletionServing(config, llm=LLMClient(client), visual_inputs=visual_inputs)
 
 
 def run(svc, body):
@@ -168,7 +174,7 @@ def test_malformed_encoder_output_never_reaches_the_llm():
 
 def test_encoder_refusal_is_a_client_error_naming_the_part():
     async def refuse(items):
-        return [ImageEncoding(error="the image data is truncated or corrupt") for _ in items]
+        return [VisionEncoding(error="the image data is truncated or corrupt") for _ in items]
 
     with pytest.raises(MediaError) as info:
         run(serving(Recorder(), refuse), {"messages": [user({"type": "text", "text": "x"}, IMAGE)]})
@@ -263,3 +269,48 @@ def test_transport_failures_map_to_503_and_504(failure, status, stream):
     with pytest.raises(APIError) as info:
         run(serving(broken), {"messages": [{"role": "user", "content": "x"}], "stream": stream})
     assert info.value.status_code == status
+
+
+def test_videos_become_video_embedding_parts_with_client_options_capped():
+    seen = []
+
+    async def video_encoder(items):
+        seen.extend(items)
+        return await fake_video_encoder(items)
+
+    recorder = Recorder()
+    frames = [data_url(make_png(32, 32)) for _ in range(3)]
+    run(
+        serving(recorder, video_encoder=video_encoder),
+        {
+            "messages": [
+                user(
+                    {
+                        "type": "video_url",
+                        "video_url": {"url": data_url(b"fake mp4 bytes", "video/mp4")},
+                        "fps": 100 / 7,
+                    },
+                    {"type": "video", "video": frames, "max_pixels": 10**9},
+                    {"type": "text", "text": "what happens?"},
+                )
+            ]
+        },
+    )
+    parts = recorder.requests[0]["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["video_embeds", "video_embeds", "text"]
+    assert parts[0]["video_embeds"]["video_grid_thw"] == [2, 4, 4]
+    assert seen[0].data == b"fake mp4 bytes" and seen[0].fps == 2.0  # capped at the server's fps
+    assert len(seen[1].frames) == 3
+    assert seen[1].max_pixels == load_track_config("a", env={}).media.video_max_pixels  # capped too
+
+
+def test_video_refusal_keeps_its_status():
+    async def too_long(items):
+        return [VisionEncoding(error="video is longer than 600 s", status=413) for _ in items]
+
+    with pytest.raises(APIError) as info:
+        run(
+            serving(Recorder(), video_encoder=too_long),
+            {"messages": [user({"type": "video_url", "video_url": {"url": data_url(b"x", "video/mp4")}})]},
+        )
+    assert info.value.status_code == 413 and info.value.param == "messages[0].content[0]"
