@@ -60,8 +60,12 @@ async def _parse_request(request: Request, max_bytes: int) -> ChatCompletionRequ
 def build_openai_app(config: TrackConfig, get_serving) -> FastAPI:
     """`get_serving()` returns the worker's `ChatCompletionServing` (created at service start-up)."""
     app = FastAPI(title=f"HyperCLOVAX track {config.track.upper()}", docs_url=None, redoc_url=None, openapi_url=None)
-    # base64 images inflate by 4/3; leave room for the text around them
-    max_body = config.media.max_images_per_request * config.media.max_image_bytes * 4 // 3 + (8 << 20)
+    # inline (base64) media inflate by 4/3; leave room for the text around them
+    media = config.media
+    inline_media = media.max_images_per_request * media.max_image_bytes + media.max_videos_per_request * (
+        media.max_video_bytes
+    )
+    max_body = inline_media * 4 // 3 + (8 << 20)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
