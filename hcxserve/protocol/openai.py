@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -28,14 +28,17 @@ class URLRef(_Strict):
     detail: Literal["auto", "low", "high"] | None = None
 
 
+def _bare_url(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+# `{"url": ...}` as OpenAI sends it, or a bare URL string as some clients do
+URLField = Annotated[URLRef, BeforeValidator(_bare_url)]
+
+
 class ImageURLPart(_Strict):
     type: Literal["image_url"]
-    image_url: URLRef
-
-    @field_validator("image_url", mode="before")
-    @classmethod
-    def _bare_url(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
+    image_url: URLField
 
 
 class ImagePart(_Strict):
@@ -52,12 +55,7 @@ class _VideoOptions(_Strict):
 
 class VideoURLPart(_VideoOptions):
     type: Literal["video_url"]
-    video_url: URLRef
-
-    @field_validator("video_url", mode="before")
-    @classmethod
-    def _bare_url(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
+    video_url: URLField
 
 
 class VideoPart(_VideoOptions):
@@ -79,7 +77,7 @@ class InputAudioPart(_Strict):
 
 class AudioURLPart(_Strict):
     type: Literal["audio_url"]
-    audio_url: URLRef
+    audio_url: URLField
 
 
 ContentPart = Annotated[
