@@ -39,15 +39,19 @@ def make_png(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str =
     return buffer.getvalue()
 
 
-def make_mp4(seconds: float = 2, fps: int = 10, width: int = 64, height: int = 48) -> bytes:
-    """A small MP4 whose colour changes over time (OpenCV's bundled FFmpeg writes it)."""
+VIDEO_CODECS = {"mp4": "mp4v", "webm": "VP80"}
+
+
+def make_video(seconds: float = 2, fps: int = 10, width: int = 64, height: int = 48, container: str = "mp4") -> bytes:
+    """A small video whose colour changes over time (OpenCV's bundled FFmpeg writes it)."""
     import tempfile
 
     import cv2
     import numpy as np
 
-    with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
-        writer = cv2.VideoWriter(handle.name, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    with tempfile.NamedTemporaryFile(suffix=f".{container}") as handle:
+        fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[container])
+        writer = cv2.VideoWriter(handle.name, fourcc, fps, (width, height))
         for i in range(int(seconds * fps)):
             frame = np.full((height, width, 3), (i * 7 % 256, 80, 255 - i * 7 % 256), dtype=np.uint8)
             writer.write(frame)
@@ -66,7 +70,7 @@ def media_server(tmp_path_factory):
     (root / "red.png").write_bytes(make_png(64, 48, (220, 20, 20)))
     (root / "blue.png").write_bytes(make_png(96, 64, (20, 20, 220)))
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
-    (root / "clip.mp4").write_bytes(make_mp4(seconds=3, fps=10))
+    (root / "clip.mp4").write_bytes(make_video(seconds=3, fps=10))
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -9,7 +9,7 @@ import torch
 from bentos.track_a import CONFIG, VisionEncoder
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.payloads import ImageInput, VideoInput
-from tests.conftest import make_mp4, make_png
+from tests.conftest import make_video, make_png
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_video_file_and_frame_list(encoder, track_a_model_dir):
     spec = VisionTowerSpec.from_dir(track_a_model_dir / "ve")
     clip, frames = encoder.encode_videos(
         [
-            VideoInput(data=make_mp4(seconds=3, fps=10), fps=2.0, max_pixels=112 * 112),
+            VideoInput(data=make_video(seconds=3, fps=10), fps=2.0, max_pixels=112 * 112),
             VideoInput(frames=[make_png(64, 48, (i * 40, 0, 0)) for i in range(3)], fps=2.0, max_pixels=112 * 112),
         ]
     )
@@ -76,7 +76,7 @@ def test_bad_videos_are_refused_per_item(encoder):
         [
             VideoInput(data=b"garbage", fps=2.0, max_pixels=12544),
             VideoInput(frames=[make_png(64, 48), make_png(32, 32)], fps=2.0, max_pixels=12544),
-            VideoInput(data=make_mp4(seconds=1), fps=2.0, max_pixels=12544),
+            VideoInput(data=make_video(seconds=1), fps=2.0, max_pixels=12544),
         ]
     )
     assert bad.embedding is None and "not a decodable video" in bad.error and bad.status == 400

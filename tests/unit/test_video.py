@@ -3,7 +3,7 @@ import pytest
 
 from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
 from hcxserve.video import frame_indices, pad_to_temporal_patch, sample_video
-from tests.conftest import make_mp4
+from tests.conftest import make_video
 
 
 @pytest.mark.parametrize(
@@ -29,8 +29,11 @@ def test_odd_frame_lists_are_padded_to_pairs():
     assert pad_to_temporal_patch(frames[:2]).shape[0] == 2
 
 
-def test_sample_mp4():
-    video = sample_video(make_mp4(seconds=3, fps=10), fps=2.0, min_frames=4, max_frames=16, max_seconds=60)
+@pytest.mark.parametrize("container", ["mp4", "webm"])
+def test_sample_video(container):
+    video = sample_video(
+        make_video(seconds=3, fps=10, container=container), fps=2.0, min_frames=4, max_frames=16, max_seconds=60
+    )
     assert video.frames.shape == (6, 48, 64, 3) and video.frames.dtype == np.uint8
     assert video.duration_s == pytest.approx(3.0)
     assert not np.array_equal(video.frames[0], video.frames[-1])  # the test clip changes over time
@@ -40,4 +43,4 @@ def test_bad_and_long_videos():
     with pytest.raises(MediaError):
         sample_video(b"not a video at all", fps=2, min_frames=4, max_frames=16, max_seconds=60)
     with pytest.raises(PayloadTooLargeError):
-        sample_video(make_mp4(seconds=3, fps=10), fps=2, min_frames=4, max_frames=16, max_seconds=1)
+        sample_video(make_video(seconds=3, fps=10), fps=2, min_frames=4, max_frames=16, max_seconds=1)
