@@ -42,6 +42,9 @@ class LLMConfig(_Section):
     port: int = 8000
     chat_template: str = "configs/chat_templates/track_a.jinja"
     reasoning_parser: str = "deepseek_v3"
+    tool_call_parser: str | None = Field(
+        "glm45", description="vLLM tool parser for the template's <tool_call> format."
+    )
     reasoning_start: str = "<think>"
     reasoning_end: str = "</think>"
     extra_args: list[str] = Field(default_factory=list)

@@ -50,6 +50,8 @@ def vllm_server_command(
     ]
     if embeds_only:
         cmd += ["--enable-mm-embeds", "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 0})]
+    if llm.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", llm.tool_call_parser]
     if llm.max_num_seqs:
         cmd += ["--max-num-seqs", str(llm.max_num_seqs)]
     if llm.enforce_eager:

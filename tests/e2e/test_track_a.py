@@ -181,6 +181,31 @@ def test_streaming_reasoning(client):
     assert reasoning and content
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_tools_and_a_tool_result_turn(client):
+    # the tiny model rarely calls tools; what must hold is that tool requests and tool-result turns are served
+    first = ask(client, [{"role": "user", "content": "What is the weather in Paris?"}], tools=[WEATHER_TOOL])
+    assert first.choices[0].message.content or first.choices[0].message.tool_calls
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21C"},
+    ]
+    second = ask(client, history, tools=[WEATHER_TOOL])
+    assert second.choices[0].message.content is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
 def test_n_choices(client):
     response = ask(client, [{"role": "user", "content": "Say a colour."}], n=2, temperature=1.0, max_tokens=8)
     assert [c.index for c in response.choices] == [0, 1]

@@ -9,7 +9,7 @@ import torch
 from bentos.track_a import CONFIG, VisionEncoder
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.payloads import ImageInput, VideoInput
-from tests.conftest import make_video, make_png
+from tests.conftest import make_png, make_video
 
 
 @pytest.fixture(scope="module")
