@@ -7,6 +7,7 @@ vLLM names the reasoning field `reasoning`; OmniServe's clients (and DeepSeek-st
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from hcxserve.protocol.errors import APIError
@@ -19,6 +20,7 @@ from hcxserve.protocol.openai import (
     DeltaMessage,
     ToolCall,
     Usage,
+    completion_id,
 )
 
 
@@ -47,8 +49,8 @@ def build_response(upstream: dict[str, Any], model: str) -> ChatCompletionRespon
             )
         )
     return ChatCompletionResponse(
-        id=upstream.get("id") or ChatCompletionResponse.model_fields["id"].default_factory(),
-        created=upstream.get("created") or ChatCompletionResponse.model_fields["created"].default_factory(),
+        id=upstream.get("id") or completion_id(),
+        created=upstream.get("created") or int(time.time()),
         model=model,
         choices=choices,
         usage=_usage(upstream.get("usage")),

@@ -119,11 +119,14 @@ class VisualInputs:
         if not refs:
             return []
         urls = [r.content.image_url.url if isinstance(r.content, ImageURLPart) else r.content.image for r in refs]
-        fetched = await asyncio.gather(*(self.fetcher.fetch(url, param=r.param) for url, r in zip(urls, refs)))
-        for ref, media in zip(refs, fetched):
-            probe_image(media.data, self.config, param=ref.param)
-        inputs = [ImageInput(data=media.data) for media in fetched]
-        return await self._call(self.encode_images, inputs, "vision encoder")
+        images = await asyncio.gather(*(self._fetch_image(url, r.param) for url, r in zip(urls, refs)))
+        return await self._call(self.encode_images, [ImageInput(data=data) for data in images], "vision encoder")
+
+    async def _fetch_image(self, url: str, param: str) -> bytes:
+        """Fetch, and refuse a non-image or an over-sized one before any encoder work (header-only check)."""
+        data = (await self.fetcher.fetch(url, param=param)).data
+        probe_image(data, self.config, param=param)
+        return data
 
     async def _videos(self, refs: list[VisualRef]) -> Sequence[VisionEncoding]:
         if not refs:
@@ -147,11 +150,9 @@ class VisualInputs:
                 code="too_many_frames",
             )
         frames = await asyncio.gather(
-            *(self.fetcher.fetch(url, param=f"{ref.param}.video[{k}]") for k, url in enumerate(source))
+            *(self._fetch_image(url, f"{ref.param}.video[{k}]") for k, url in enumerate(source))
         )
-        for k, media in enumerate(frames):
-            probe_image(media.data, self.config, param=f"{ref.param}.video[{k}]")
-        return VideoInput(frames=[media.data for media in frames], fps=fps, max_pixels=max_pixels)
+        return VideoInput(frames=list(frames), fps=fps, max_pixels=max_pixels)
 
     @staticmethod
     async def _call(encoder, inputs: list, name: str) -> Sequence[VisionEncoding]:

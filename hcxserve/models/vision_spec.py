@@ -14,7 +14,10 @@ class VisionTowerSpec:
 
     @classmethod
     def from_dir(cls, ve_dir: str | Path) -> VisionTowerSpec:
-        vision_config = json.loads((Path(ve_dir) / "config.json").read_text())["vision_config"]
+        return cls.from_vision_config(json.loads((Path(ve_dir) / "config.json").read_text())["vision_config"])
+
+    @classmethod
+    def from_vision_config(cls, vision_config: dict) -> VisionTowerSpec:
         return cls(int(vision_config["out_hidden_size"]), int(vision_config.get("spatial_merge_size", 2)))
 
     def rows_for_grid(self, grid_thw: tuple[int, int, int]) -> int:

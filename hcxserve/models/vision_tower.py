@@ -70,6 +70,7 @@ class VisionTower:
         model.load_state_dict(load_state_dict(ve_dir, prefix="vision_model."), strict=True)
         model = model.to(device=resolved, dtype=torch_dtype).eval()
         processor = Qwen2VLImageProcessor.from_pretrained(ve_dir)
+        video_processor = Qwen2VLVideoProcessor.from_pretrained(ve_dir)
         logger.info(
             "vision tower loaded from %s on %s (%s, %d params)",
             ve_dir,
@@ -77,8 +78,8 @@ class VisionTower:
             dtype,
             sum(p.numel() for p in model.parameters()),
         )
-        video_processor = Qwen2VLVideoProcessor.from_pretrained(ve_dir)
-        return cls(model, processor, video_processor, VisionTowerSpec.from_dir(ve_dir), resolved, torch_dtype)
+        spec = VisionTowerSpec.from_vision_config(vision_config)
+        return cls(model, processor, video_processor, spec, resolved, torch_dtype)
 
     @torch.inference_mode()
     def encode(self, images: list) -> list[VisionFeatures]:
