@@ -47,6 +47,15 @@ class LLMConfig(_Section):
     )
     reasoning_start: str = "<think>"
     reasoning_end: str = "</think>"
+    architecture: str | None = Field(
+        None, description="vLLM model class to serve the checkpoint with (`--hf-overrides architectures`)."
+    )
+    modalities: list[Literal["image", "video", "audio"]] = Field(
+        default_factory=lambda: ["image", "video"], description="Precomputed embeddings the LLM accepts."
+    )
+    reasoning_by_default: bool = Field(
+        False, description="Reason unless the request opts out (track B); otherwise only when it opts in (track A)."
+    )
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the vLLM process.")
     gpu_type: str | None = None

@@ -49,7 +49,10 @@ def vllm_server_command(
         "--disable-uvicorn-access-log",
     ]
     if embeds_only:
-        cmd += ["--enable-mm-embeds", "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 0})]
+        # limit 0 keeps vLLM from building or profiling encoders; precomputed embeddings are still accepted
+        cmd += ["--enable-mm-embeds", "--limit-mm-per-prompt", json.dumps(dict.fromkeys(llm.modalities, 0))]
+    if llm.architecture:
+        cmd += ["--hf-overrides", json.dumps({"architectures": [llm.architecture]})]
     if llm.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", llm.tool_call_parser]
     if llm.max_num_seqs:

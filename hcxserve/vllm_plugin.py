@@ -1,4 +1,7 @@
-"""vLLM plugin: lets HCXVisionV2ForCausalLM (HyperCLOVAX-SEED-Think-32B) take precomputed image embeddings.
+"""vLLM plugin: precomputed multimodal embeddings for both tracks' LLMs.
+
+Track B: registers `HCXOmniForCausalLM` (`hcxserve/vllm_omni.py`). Track A: lets vLLM's HCXVisionV2ForCausalLM
+(HyperCLOVAX-SEED-Think-32B) take precomputed image embeddings.
 
 vLLM 0.32 ships the model class but two gaps stop an external vision encoder from feeding it:
 
@@ -26,7 +29,12 @@ _PATCHED_ATTR = "_hcxserve_patched"
 
 def register() -> None:
     """Entry point called by vLLM in every process (API server, EngineCore, workers)."""
+    from vllm import ModelRegistry
     from vllm.model_executor.models import hyperclovax_vision_v2 as hcx
+
+    # Track B's Omni LLM (lazy: the module imports vLLM internals only when the architecture is used)
+    if "HCXOmniForCausalLM" not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model("HCXOmniForCausalLM", "hcxserve.vllm_omni:HCXOmniForCausalLM")
 
     if getattr(hcx, _PATCHED_ATTR, False):
         return
