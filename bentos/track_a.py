@@ -13,4 +13,4 @@ CONFIG = load_track_config("a")
 
 VisionEncoder = vision_encoder_service(CONFIG)
 LLM = llm_service(CONFIG)
-TrackAGateway = gateway_service(CONFIG, name="TrackAGateway", encoder_service=VisionEncoder, llm_service_=LLM)
+TrackAGateway = gateway_service(CONFIG, name="TrackAGateway", llm_service_=LLM, vision_encoder_service=VisionEncoder)

@@ -94,11 +94,31 @@ class MediaConfig(_Section):
     video_min_frames: PositiveInt = 4
     video_max_frames: PositiveInt = 170
     video_max_pixels: PositiveInt = Field(378 * 378, description="Pixel budget per frame (clients may ask less).")
+    max_audios_per_request: PositiveInt = 4
+    max_audio_bytes: PositiveInt = 25 * 1024 * 1024
+    max_audio_seconds: PositiveFloat = Field(600.0, description="Longest audio clip accepted (after decoding).")
+    audio_formats: list[str] = Field(
+        default_factory=lambda: ["wav", "mp3", "flac", "ogg"], description="`input_audio.format` values accepted."
+    )
     fetch_timeout_s: PositiveFloat = 15.0
     max_redirects: int = Field(3, ge=0)
     allow_private_networks: bool = Field(
         False, description="Let image URLs point at loopback/private/link-local addresses (SSRF guard off)."
     )
+
+
+class AudioEncoderConfig(_Section):
+    """Track B's audio encoder service: Qwen2-Audio encoder + projector and the CosyVoice tokenizer."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    max_batch_size: PositiveInt = 16
+    max_latency_ms: PositiveInt = 10000
+    threads: PositiveInt | None = None
+    gpus: PositiveInt = 1
+    gpu_type: str | None = None
+    timeout_s: PositiveFloat = 120.0
 
 
 class GatewayConfig(_Section):
@@ -113,6 +133,7 @@ class TrackConfig(_Section):
     model_dir: Path = Field(description="Folder holding the converted components (llm/, ve/, ...).")
     llm: LLMConfig
     vision_encoder: VisionEncoderConfig = Field(default_factory=VisionEncoderConfig)
+    audio_encoder: AudioEncoderConfig | None = Field(None, description="Track B only.")
     media: MediaConfig = Field(default_factory=MediaConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 

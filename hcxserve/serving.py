@@ -6,14 +6,17 @@ The same pipeline serves every track; what a track accepts and which components 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from hcxserve.audio_inputs import AudioInputs
 from hcxserve.config import TrackConfig
 from hcxserve.llm_client import LLMClient
 from hcxserve.protocol.errors import APIError, InvalidRequestError, NotFoundError, internal_error
 from hcxserve.protocol.openai import (
+    AUDIO_PART_TYPES,
     IMAGE_PART_TYPES,
     VIDEO_PART_TYPES,
     ChatCompletionRequest,
@@ -23,7 +26,7 @@ from hcxserve.protocol.openai import (
     TextPart,
 )
 from hcxserve.responses import SSE_DONE, build_chunk, build_response, sse_error, sse_event
-from hcxserve.visual_inputs import VisualEmbedding, VisualInputs
+from hcxserve.visual_inputs import VisualInputs
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +53,32 @@ _PASSTHROUGH_FIELDS = (
     "thinking_token_budget",
     "include_reasoning",
 )
+# content part classes and their wire names, per modality a track's LLM may accept
+_PART_TYPES = {
+    "image": (IMAGE_PART_TYPES, ("image_url", "image")),
+    "video": (VIDEO_PART_TYPES, ("video_url", "video")),
+    "audio": (AUDIO_PART_TYPES, ("input_audio", "audio_url")),
+}
 
 
 class ChatCompletionServing:
-    def __init__(self, config: TrackConfig, *, llm: LLMClient, visual_inputs: VisualInputs) -> None:
+    def __init__(
+        self,
+        config: TrackConfig,
+        *,
+        llm: LLMClient,
+        visual_inputs: VisualInputs,
+        audio_inputs: AudioInputs | None = None,
+    ) -> None:
         self.config = config
         self.llm = llm
         self.visual_inputs = visual_inputs
+        self.audio_inputs = audio_inputs
         self.model_name = config.llm.served_model_name
         self._accepted_models = {self.model_name, *config.llm.aliases}
+        modalities = [m for m in config.llm.modalities if m != "audio" or audio_inputs is not None]
+        self._part_types = (TextPart, *(cls for m in modalities for cls in _PART_TYPES[m][0]))
+        self._part_names = ", ".join(["text", *(name for m in modalities for name in _PART_TYPES[m][1])])
 
     # ------------------------------------------------------------------------------------------ public API
     def models(self) -> ModelList:
@@ -68,7 +88,7 @@ class ChatCompletionServing:
         """Return a response, or an async iterator of SSE strings whose first chunk has already arrived
         (so failures before any token are raised here and can still get a proper status code)."""
         self._check_request(request)
-        embeddings = await self.visual_inputs.embed(request)
+        embeddings = await self._embed(request)
         body = self._upstream_body(request, embeddings)
         if not request.stream:
             return build_response(await self.llm.chat(body), self.model_name)
@@ -87,18 +107,23 @@ class ChatCompletionServing:
         for i, message in enumerate(request.messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
-                    if not isinstance(part, (TextPart, *IMAGE_PART_TYPES, *VIDEO_PART_TYPES)):
+                    if not isinstance(part, self._part_types):
                         raise InvalidRequestError(
                             f"messages[{i}].content[{j}]: content type {part.type!r} is not supported by track "
-                            f"{self.config.track.upper()} (supported: text, image_url, image, video_url, video)",
+                            f"{self.config.track.upper()} (supported: {self._part_names})",
                             param=f"messages[{i}].content[{j}]",
                             code="unsupported_content_type",
                         )
 
+    async def _embed(self, request: ChatCompletionRequest) -> dict[tuple[int, int], Any]:
+        """Every media part's embedding, keyed by (message, part); images, videos and audio encode concurrently."""
+        if self.audio_inputs is None:
+            return await self.visual_inputs.embed(request)
+        visual, audio = await asyncio.gather(self.visual_inputs.embed(request), self.audio_inputs.embed(request))
+        return {**visual, **audio}
+
     # ------------------------------------------------------------------------------------------ upstream request
-    def _upstream_body(
-        self, request: ChatCompletionRequest, embeddings: dict[tuple[int, int], VisualEmbedding]
-    ) -> dict[str, Any]:
+    def _upstream_body(self, request: ChatCompletionRequest, embeddings: dict[tuple[int, int], Any]) -> dict[str, Any]:
         messages = []
         for i, message in enumerate(request.messages):
             out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
@@ -121,8 +146,10 @@ class ChatCompletionServing:
         max_tokens = request.max_completion_tokens or request.max_tokens or self.config.gateway.default_max_tokens
         if max_tokens:
             body["max_tokens"] = max_tokens
-        # The template and vLLM's reasoning parser both read `thinking`; track A defaults to no reasoning.
-        body["chat_template_kwargs"] = {**(request.chat_template_kwargs or {}), "thinking": request.thinking}
+        # The template and vLLM's reasoning parser both read `thinking`; track A reasons only when asked to,
+        # track B unless asked not to.
+        thinking = request.reasoning(default=self.config.llm.reasoning_by_default)
+        body["chat_template_kwargs"] = {**(request.chat_template_kwargs or {}), "thinking": thinking}
         if request.stream:
             options = request.stream_options
             body["stream_options"] = {
@@ -132,7 +159,7 @@ class ChatCompletionServing:
         return body
 
     @staticmethod
-    def _upstream_part(part: Any, embedding: VisualEmbedding | None) -> dict[str, Any]:
+    def _upstream_part(part: Any, embedding: Any) -> dict[str, Any]:
         if isinstance(part, TextPart):
             return {"type": "text", "text": part.text}
         assert embedding is not None

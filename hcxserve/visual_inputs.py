@@ -56,10 +56,27 @@ class VisualEmbedding:
     def upstream_part(self) -> dict[str, Any]:
         """vLLM's `image_embeds` / `video_embeds` content part."""
         field = f"{self.kind}_embeds"
-        return {
-            "type": field,
-            field: {field: self.embedding.embeds_b64, f"{self.kind}_grid_thw": list(self.embedding.grid_thw)},
+        item: dict[str, Any] = {
+            field: self.embedding.embeds_b64,
+            f"{self.kind}_grid_thw": list(self.embedding.grid_thw),
         }
+        if self.embedding.discrete_codes is not None:
+            item[f"discrete_{self.kind}_codes"] = self.embedding.discrete_codes
+        return {"type": field, field: item}
+
+
+async def call_encoder(encoder: Callable[[list], Awaitable[Sequence]], inputs: list, name: str) -> Sequence:
+    """One batched encoder call; anything but a client error becomes a 502 without internals."""
+    try:
+        results = await encoder(inputs)
+    except APIError:
+        raise
+    except Exception:
+        logger.exception("%s call failed", name)
+        raise UpstreamError(f"The {name} failed to process the request.") from None
+    if len(results) != len(inputs):
+        raise UpstreamError(f"The {name} returned a wrong number of results.")
+    return results
 
 
 def find_visual_refs(request: ChatCompletionRequest) -> list[VisualRef]:
@@ -102,7 +119,7 @@ class VisualInputs:
             if result.error is not None or result.embedding is None:
                 error_type = PayloadTooLargeError if result.status == 413 else MediaError
                 raise error_type(f"{ref.param}: {result.error or 'could not be encoded'}", param=ref.param)
-            self._check_embedding(result.embedding)
+            self._check_embedding(ref.kind, result.embedding)
             out[ref.key] = VisualEmbedding(ref.kind, result.embedding)
         return out
 
@@ -120,7 +137,7 @@ class VisualInputs:
             return []
         urls = [r.content.image_url.url if isinstance(r.content, ImageURLPart) else r.content.image for r in refs]
         images = await asyncio.gather(*(self._fetch_image(url, r.param) for url, r in zip(urls, refs)))
-        return await self._call(self.encode_images, [ImageInput(data=data) for data in images], "vision encoder")
+        return await call_encoder(self.encode_images, [ImageInput(data=data) for data in images], "vision encoder")
 
     async def _fetch_image(self, url: str, param: str) -> bytes:
         """Fetch, and refuse a non-image or an over-sized one before any encoder work (header-only check)."""
@@ -132,7 +149,7 @@ class VisualInputs:
         if not refs:
             return []
         inputs = await asyncio.gather(*(self._video_input(ref) for ref in refs))
-        return await self._call(self.encode_videos, list(inputs), "vision encoder (video)")
+        return await call_encoder(self.encode_videos, list(inputs), "vision encoder (video)")
 
     async def _video_input(self, ref: VisualRef) -> VideoInput:
         part = ref.content
@@ -154,24 +171,16 @@ class VisualInputs:
         )
         return VideoInput(frames=list(frames), fps=fps, max_pixels=max_pixels)
 
-    @staticmethod
-    async def _call(encoder, inputs: list, name: str) -> Sequence[VisionEncoding]:
-        try:
-            results = await encoder(inputs)
-        except APIError:
-            raise
-        except Exception:
-            logger.exception("%s call failed", name)
-            raise UpstreamError(f"The {name} failed to process the request.") from None
-        if len(results) != len(inputs):
-            raise UpstreamError(f"The {name} returned a wrong number of results.")
-        return results
-
-    def _check_embedding(self, embedding: VisionEmbedding) -> None:
+    def _check_embedding(self, kind: Kind, embedding: VisionEmbedding) -> None:
         # vLLM's engine dies on embeddings whose rows disagree with their grid (and silently mis-places a smaller
         # grid), so nothing inconsistent may reach it.
         expected_rows = self.spec.rows_for_grid(embedding.grid_thw)
-        if embedding.rows != expected_rows or embedding.dim != self.spec.out_hidden_size:
+        codes_expected = self.spec.discrete and kind == "image"  # TA-Tok codes are for images, not videos
+        if (
+            embedding.rows != expected_rows
+            or embedding.dim != self.spec.out_hidden_size
+            or (embedding.discrete_codes is not None) != codes_expected
+        ):
             logger.error(
                 "encoder output %sx%s for grid %s, expected %sx%s",
                 embedding.rows,

@@ -16,6 +16,7 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from hcxserve.audio_inputs import AudioInputs
 from hcxserve.config import TrackConfig
 from hcxserve.llm_client import LLMClient
 from hcxserve.media import MediaFetcher
@@ -62,8 +63,10 @@ def build_openai_app(config: TrackConfig, get_serving) -> FastAPI:
     app = FastAPI(title=f"HyperCLOVAX track {config.track.upper()}", docs_url=None, redoc_url=None, openapi_url=None)
     # inline (base64) media inflate by 4/3; leave room for the text around them
     media = config.media
-    inline_media = media.max_images_per_request * media.max_image_bytes + media.max_videos_per_request * (
-        media.max_video_bytes
+    inline_media = (
+        media.max_images_per_request * media.max_image_bytes
+        + media.max_videos_per_request * media.max_video_bytes
+        + media.max_audios_per_request * media.max_audio_bytes
     )
     max_body = inline_media * 4 // 3 + (8 << 20)
 
@@ -96,35 +99,51 @@ def build_openai_app(config: TrackConfig, get_serving) -> FastAPI:
     return app
 
 
-def gateway_service(config: TrackConfig, *, name: str, encoder_service, llm_service_) -> type:
+def gateway_service(
+    config: TrackConfig, *, name: str, llm_service_, vision_encoder_service, audio_encoder_service=None
+) -> type:
     app = build_openai_app(config, lambda: bentoml.get_current_service().serving)
 
     @bentoml.asgi_app(app, path="/")
     @bentoml.service(name=name, traffic={"timeout": config.gateway.timeout_s}, labels={"openai_endpoint": "/v1"})
     class Gateway:
-        vision_encoder = bentoml.depends(encoder_service)
+        vision_encoder = bentoml.depends(vision_encoder_service)
         llm = bentoml.depends(llm_service_)
+        if audio_encoder_service is not None:
+            audio_encoder = bentoml.depends(audio_encoder_service)
 
         @bentoml.on_startup
         async def _start(self) -> None:
             llm_url = llm_service_.url or f"http://127.0.0.1:{config.llm.port}"
             self.fetcher = MediaFetcher(config.media)
+            spec = VisionTowerSpec.from_dir(config.component_dir("ve"))
             visual_inputs = VisualInputs(
                 config.media,
                 fetcher=self.fetcher,
-                spec=VisionTowerSpec.from_dir(config.component_dir("ve")),
-                encode_images=lambda items: self._call_encoder("encode", items),
-                encode_videos=lambda items: self._call_encoder("encode_videos", items),
+                spec=spec,
+                encode_images=lambda items: self._call("vision_encoder", "encode", items),
+                encode_videos=lambda items: self._call("vision_encoder", "encode_videos", items),
             )
+            audio_inputs = None
+            if audio_encoder_service is not None:
+                audio_inputs = AudioInputs(
+                    config.media,
+                    fetcher=self.fetcher,
+                    embed_dim=spec.out_hidden_size,  # both encoders project to the LLM's width on track B
+                    encode_audio=lambda items: self._call("audio_encoder", "encode", items),
+                )
             llm = LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=config.llm.timeout_s)
-            self.serving = ChatCompletionServing(config, llm=llm, visual_inputs=visual_inputs)
+            self.serving = ChatCompletionServing(
+                config, llm=llm, visual_inputs=visual_inputs, audio_inputs=audio_inputs
+            )
 
-        async def _call_encoder(self, method: str, items):
+        async def _call(self, dependency: str, method: str, items):
             # resolved per call: the dependency proxy gets its methods only once the server is running
             try:
-                return await getattr(self.vision_encoder.to_async, method)(items)
+                return await getattr(getattr(self, dependency).to_async, method)(items)
             except bentoml.exceptions.ServiceUnavailable:
-                raise ServiceUnavailableError("The vision encoder is overloaded; retry shortly.") from None
+                what = dependency.replace("_", " ")
+                raise ServiceUnavailableError(f"The {what} is overloaded; retry shortly.") from None
 
         @bentoml.on_shutdown
         async def _stop(self) -> None:

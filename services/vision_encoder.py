@@ -1,5 +1,6 @@
-"""Vision encoder component: the Qwen2.5-VL tower. Images are batched across concurrent requests; videos are
-decoded and sampled here (next to the accelerator) and encoded one by one."""
+"""Vision encoder component: the Qwen2.5-VL tower (+ on track B its projector and the TA-Tok discrete tokenizer,
+as the converted `ve/` folder says). Images are batched across concurrent requests; videos are decoded and sampled
+here (next to the accelerator) and encoded one by one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hcxserve.protocol.payloads import ImageInput, VideoInput, VisionEmbedding, 
 from hcxserve.video import pad_to_temporal_patch, sample_video
 
 
-def _encoding(encoded) -> VisionEncoding:
+def _encoding(encoded, discrete_codes: list[int] | None = None) -> VisionEncoding:
     rows, dim = encoded.features.shape
     return VisionEncoding(
         embedding=VisionEmbedding(
@@ -21,6 +22,7 @@ def _encoding(encoded) -> VisionEncoding:
             dim=dim,
             dtype=str(encoded.features.dtype),
             grid_thw=encoded.grid_thw,
+            discrete_codes=discrete_codes,
         )
     )
 
@@ -36,16 +38,15 @@ def vision_encoder_service(config: TrackConfig) -> type:
             # circus) imports this module, and torch alone costs each of them ~400 MB of RSS.
             import torch
 
+            from hcxserve.models.ta_tok import TATokEncoder
             from hcxserve.models.vision_tower import VisionTower
 
             if cfg.threads:
                 torch.set_num_threads(cfg.threads)
-            self.tower = VisionTower.from_pretrained(
-                config.component_dir("ve"),
-                device=cfg.device,
-                dtype=cfg.dtype,
-                attn_implementation=cfg.attn_implementation,
-            )
+            ve_dir = config.component_dir("ve")
+            options = dict(device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+            self.tower = VisionTower.from_pretrained(ve_dir, **options)
+            self.ta_tok = TATokEncoder.from_pretrained(ve_dir, **options) if self.tower.spec.discrete else None
 
         @bentoml.api(batchable=True, max_batch_size=cfg.max_batch_size, max_latency_ms=cfg.max_latency_ms)
         def encode(self, images: list[ImageInput]) -> list[VisionEncoding]:
@@ -57,8 +58,9 @@ def vision_encoder_service(config: TrackConfig) -> type:
                     positions.append(i)
                 except MediaError as exc:  # one bad image must not fail the others in the batch
                     results[i] = VisionEncoding(error=exc.message.removeprefix("image: "))
-            for i, encoded in zip(positions, self.tower.encode(decoded)):
-                results[i] = _encoding(encoded)
+            codes = self.ta_tok.encode(decoded).tolist() if self.ta_tok is not None else [None] * len(decoded)
+            for i, encoded, image_codes in zip(positions, self.tower.encode(decoded), codes):
+                results[i] = _encoding(encoded, image_codes)
             return results
 
         @bentoml.api

@@ -1,15 +1,14 @@
 """Qwen2.5-VL vision tower of HyperCLOVAX-SEED (track A's continuous image encoder).
 
 Loads a converted `ve/` component folder (see `convert_model.py`): `config.json` with `vision_config`,
-the tower's weights under `vision_model.*`, and the Qwen2-VL `preprocessor_config.json`. Output rows are the
-ViT merger output *before* the projector: the LLM (vLLM's HCXVisionV2ForCausalLM) owns and applies the projector,
-so there is exactly one copy of it.
+the tower's weights under `vision_model.*`, and the Qwen2-VL `preprocessor_config.json`. On track A the output rows
+are the ViT merger output *before* the projector: the LLM (vLLM's HCXVisionV2ForCausalLM) owns and applies the
+projector, so there is exactly one copy of it. On track B the projector (`mm_projector.*`) sits in `ve/` and is
+applied here, so the rows are LLM-width.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -17,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from hcxserve.models import resolve_device
 from hcxserve.models.vision_spec import VisionTowerSpec
+from hcxserve.protocol.payloads import encode_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +27,26 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 @dataclass
 class VisionFeatures:
-    features: torch.Tensor  # (rows, out_hidden_size)
+    features: torch.Tensor  # (rows, spec.out_hidden_size)
     grid_thw: tuple[int, int, int]
 
     def to_b64(self) -> str:
-        """vLLM's `image_embeds` wire form: base64 of `torch.save` (it loads with weights_only=True)."""
-        buffer = io.BytesIO()
-        # clone: `features` is a view into the whole batch's output, and torch.save writes a view's entire storage
-        torch.save(self.features.detach().cpu().clone(), buffer)
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
+        return encode_tensor(self.features)
 
 
 class VisionTower:
     def __init__(
-        self, model, processor, video_processor, spec: VisionTowerSpec, device: torch.device, dtype: torch.dtype
+        self,
+        model,
+        processor,
+        video_processor,
+        spec: VisionTowerSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        projector: torch.nn.Linear | None = None,
     ) -> None:
         self.model = model
+        self.projector = projector
         self.processor = processor
         self.video_processor = video_processor
         self.spec = spec
@@ -58,11 +63,10 @@ class VisionTower:
         from hcxserve.convert import load_state_dict
 
         ve_dir = Path(ve_dir)
-        resolved = torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        )
+        resolved = torch.device(resolve_device(device))
         torch_dtype = _DTYPES[dtype]
-        vision_config = json.loads((ve_dir / "config.json").read_text())["vision_config"]
+        ve_config = json.loads((ve_dir / "config.json").read_text())
+        vision_config = ve_config["vision_config"]
         config = Qwen2_5_VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         config._attn_implementation = attn_implementation
         # Not on the meta device: the rotary embedding's non-persistent buffers are computed at construction.
@@ -78,8 +82,14 @@ class VisionTower:
             dtype,
             sum(p.numel() for p in model.parameters()),
         )
-        spec = VisionTowerSpec.from_vision_config(vision_config)
-        return cls(model, processor, video_processor, spec, resolved, torch_dtype)
+        projector = None
+        if ve_config.get("projector"):
+            shape = ve_config["projector"]
+            projector = torch.nn.Linear(shape["in_features"], shape["out_features"])
+            projector.load_state_dict(load_state_dict(ve_dir, prefix="mm_projector."), strict=True)
+            projector = projector.to(device=resolved, dtype=torch_dtype).eval()
+        spec = VisionTowerSpec.from_config(ve_config)
+        return cls(model, processor, video_processor, spec, resolved, torch_dtype, projector)
 
     @torch.inference_mode()
     def encode(self, images: list) -> list[VisionFeatures]:
@@ -106,6 +116,8 @@ class VisionTower:
     def _forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[VisionFeatures]:
         pixel_values = pixel_values.to(self.device, self.dtype)
         features = self.model(pixel_values, grid_thw=grid_thw.to(self.device)).pooler_output
+        if self.projector is not None:
+            features = self.projector(features)
         grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         sizes = [self.spec.rows_for_grid(g) for g in grids]
         return [VisionFeatures(f, g) for f, g in zip(features.split(sizes), grids)]

@@ -86,6 +86,7 @@ ContentPart = Annotated[
 ]
 IMAGE_PART_TYPES = (ImageURLPart, ImagePart)
 VIDEO_PART_TYPES = (VideoURLPart, VideoPart)
+AUDIO_PART_TYPES = (InputAudioPart, AudioURLPart)
 
 
 class ChatMessage(_Strict):
@@ -169,10 +170,16 @@ class ChatCompletionRequest(_Strict):
             raise ValueError("at most 16 stop sequences are allowed")
         return value
 
-    @property
-    def thinking(self) -> bool:
+    def reasoning(self, *, default: bool) -> bool:
+        """Whether the model should reason: `thinking`/`enable_thinking` opt in or out explicitly, and
+        `skip_reasoning` (OmniServe's track B switch) opts out; otherwise the track's default."""
         kwargs = self.chat_template_kwargs or {}
-        return bool(kwargs.get("thinking") or kwargs.get("enable_thinking"))
+        if kwargs.get("skip_reasoning"):
+            return False
+        for key in ("thinking", "enable_thinking"):
+            if kwargs.get(key) is not None:
+                return bool(kwargs[key])
+        return default
 
 
 # ---------------------------------------------------------------------------------------------- responses

@@ -8,6 +8,19 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+def encode_tensor(tensor) -> str:
+    """The wire form of `*_embeds` for vLLM: base64 of `torch.save` (vLLM loads it with weights_only=True)."""
+    import base64
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    # clone: a row slice of a batch output is a view, and torch.save writes a view's entire storage
+    torch.save(tensor.detach().cpu().clone(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 class ImageInput(BaseModel):
     """One already-fetched image; the encoder decodes and preprocesses it."""
 
@@ -27,7 +40,8 @@ class VisionEmbedding(BaseModel):
     """Vision-tower output for one image or video, in the form vLLM's `image_embeds`/`video_embeds` parts take.
 
     `embeds_b64` is base64 of `torch.save(tensor)` of shape (rows, dim): the ViT merger output, before the
-    projector (the LLM applies it). `grid_thw` is in patch units; rows == t*h*w / merge**2.
+    projector on track A (the LLM applies it), after it on track B. `grid_thw` is in patch units;
+    rows == t*h*w / merge**2. `discrete_codes`: TA-Tok codebook indices of an image (track B only).
     """
 
     embeds_b64: str = Field(repr=False)
@@ -35,6 +49,7 @@ class VisionEmbedding(BaseModel):
     dim: int
     dtype: str
     grid_thw: tuple[int, int, int]
+    discrete_codes: list[int] | None = Field(None, repr=False)
 
 
 class VisionEncoding(BaseModel):
@@ -43,3 +58,29 @@ class VisionEncoding(BaseModel):
     embedding: VisionEmbedding | None = None
     error: str | None = None
     status: int = 400  # of the client error (413 when over a limit)
+
+
+class AudioInput(BaseModel):
+    """One already-fetched audio file (any container soundfile reads); the encoder decodes and resamples it."""
+
+    data: bytes = Field(repr=False)
+    format: str | None = None  # the client's hint, only used in error messages
+    max_seconds: float
+
+
+class AudioEmbedding(BaseModel):
+    """Audio-encoder output for one clip: projected continuous rows (25 per second, LLM-width, base64 of
+    `torch.save`) and CosyVoice codebook indices (25 per second)."""
+
+    embeds_b64: str = Field(repr=False)
+    rows: int
+    dim: int
+    dtype: str
+    discrete_codes: list[int] = Field(repr=False)
+    duration_s: float
+
+
+class AudioEncoding(BaseModel):
+    embedding: AudioEmbedding | None = None
+    error: str | None = None
+    status: int = 400

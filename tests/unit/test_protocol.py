@@ -52,12 +52,20 @@ def test_literal_extra_body_is_flattened_and_wins():
             "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 50},
         }
     )
-    assert request.thinking is True
+    assert request.reasoning(default=False) is True
     assert request.thinking_token_budget == 50
 
 
-def test_thinking_defaults_off():
-    assert parse({"messages": [{"role": "user", "content": "hi"}]}).thinking is False
+def test_reasoning_follows_the_track_default_unless_the_request_says():
+    def reasoning(kwargs, default):
+        return parse({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": kwargs}).reasoning(
+            default=default
+        )
+
+    assert reasoning(None, False) is False and reasoning(None, True) is True
+    assert reasoning({"thinking": True}, False) is True and reasoning({"enable_thinking": False}, True) is False
+    assert reasoning({"skip_reasoning": True}, True) is False
+    assert reasoning({"skip_reasoning": True, "thinking": True}, False) is False  # opting out wins
 
 
 def test_unknown_top_level_fields_are_ignored():

@@ -1,0 +1,143 @@
+"""A request's audio clips: found, limited, resolved to bytes, encoded by the audio encoder, and checked.
+
+`input_audio.data` comes in every form OmniServe's clients used, and OpenAI's: base64 audio bytes (OpenAI), a
+`data:` URL, an http(s) URL, or base64 of an http(s) URL (standard or URL-safe alphabet). `audio_url` parts take
+a URL or a data: URL. `s3://` and `file://` references are refused: the server never reads storage on a client's
+behalf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hcxserve.config import MediaConfig
+from hcxserve.media import MediaFetcher
+from hcxserve.protocol.errors import InvalidRequestError, MediaError, PayloadTooLargeError, UpstreamError
+from hcxserve.protocol.openai import AudioURLPart, ChatCompletionRequest, InputAudioPart
+from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, AudioInput
+from hcxserve.visual_inputs import call_encoder
+
+logger = logging.getLogger(__name__)
+
+AudioEncoder = Callable[[list[AudioInput]], Awaitable[Sequence[AudioEncoding]]]
+_URL_PREFIXES = (b"http://", b"https://")
+_REFUSED_PREFIXES = (b"s3://", b"file://")
+
+
+@dataclass(frozen=True)
+class AudioRef:
+    message: int
+    part: int
+    content: InputAudioPart | AudioURLPart
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.message, self.part
+
+    @property
+    def param(self) -> str:
+        return f"messages[{self.message}].content[{self.part}]"
+
+
+@dataclass(frozen=True)
+class AudioEmbeddingPart:
+    embedding: AudioEmbedding
+
+    def upstream_part(self) -> dict[str, Any]:
+        """vLLM's `audio_embeds` content part, as the Omni LLM (`hcxserve.vllm_omni`) takes it."""
+        return {
+            "type": "audio_embeds",
+            "audio_embeds": {
+                "audio_embeds": self.embedding.embeds_b64,
+                "discrete_audio_codes": self.embedding.discrete_codes,
+            },
+        }
+
+
+def find_audio_refs(request: ChatCompletionRequest) -> list[AudioRef]:
+    return [
+        AudioRef(i, j, part)
+        for i, message in enumerate(request.messages)
+        if isinstance(message.content, list)
+        for j, part in enumerate(message.content)
+        if isinstance(part, (InputAudioPart, AudioURLPart))
+    ]
+
+
+def url_inside_base64(text: str) -> str | None:
+    """The URL when `text` is base64 (either alphabet) of an http(s) URL, as OmniServe's clients send it."""
+    head = text[:2048].strip()
+    for decode in (base64.b64decode, base64.urlsafe_b64decode):
+        try:
+            raw = decode(head + "=" * (-len(head) % 4))
+        except (binascii.Error, ValueError):
+            continue
+        if raw.startswith(_URL_PREFIXES) and len(head) == len(text.strip()):
+            try:
+                return raw.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+        if raw.startswith(_REFUSED_PREFIXES):
+            return raw.split(b":", 1)[0].decode() + ":"
+    return None
+
+
+class AudioInputs:
+    def __init__(
+        self, config: MediaConfig, *, fetcher: MediaFetcher, embed_dim: int, encode_audio: AudioEncoder
+    ) -> None:
+        self.config = config
+        self.fetcher = fetcher
+        self.embed_dim = embed_dim
+        self.encode_audio = encode_audio
+
+    async def embed(self, request: ChatCompletionRequest) -> dict[tuple[int, int], AudioEmbeddingPart]:
+        refs = find_audio_refs(request)
+        if not refs:
+            return {}
+        if len(refs) > self.config.max_audios_per_request:
+            raise InvalidRequestError(
+                f"too many audio clips: {len(refs)} (at most {self.config.max_audios_per_request} per request)",
+                param="messages",
+                code="too_many_audios",
+            )
+        inputs = await asyncio.gather(*(self._input(ref) for ref in refs))
+        results = await call_encoder(self.encode_audio, list(inputs), "audio encoder")
+        out = {}
+        for ref, result in zip(refs, results):
+            if result.error is not None or result.embedding is None:
+                error_type = PayloadTooLargeError if result.status == 413 else MediaError
+                raise error_type(f"{ref.param}: {result.error or 'could not be encoded'}", param=ref.param)
+            self._check_embedding(result.embedding)
+            out[ref.key] = AudioEmbeddingPart(result.embedding)
+        return out
+
+    async def _input(self, ref: AudioRef) -> AudioInput:
+        part = ref.content
+        if isinstance(part, AudioURLPart):
+            source, fmt = part.audio_url.url, None
+        else:
+            source, fmt = part.input_audio.data, part.input_audio.format
+            if fmt is not None and fmt.lower() not in self.config.audio_formats:
+                raise InvalidRequestError(
+                    f"{ref.param}: audio format {fmt!r} is not supported (supported: "
+                    f"{', '.join(self.config.audio_formats)})",
+                    param=f"{ref.param}.input_audio.format",
+                    code="unsupported_audio_format",
+                )
+            source = url_inside_base64(source) or source
+        media = await self.fetcher.fetch(source, param=ref.param, max_bytes=self.config.max_audio_bytes)
+        return AudioInput(data=media.data, format=fmt, max_seconds=self.config.max_audio_seconds)
+
+    def _check_embedding(self, embedding: AudioEmbedding) -> None:
+        if embedding.dim != self.embed_dim or embedding.rows < 1 or not embedding.discrete_codes:
+            logger.error(
+                "audio encoder output %sx%s, expected width %s", embedding.rows, embedding.dim, self.embed_dim
+            )
+            raise UpstreamError("The audio encoder returned malformed features.")
