@@ -63,6 +63,7 @@ class Modality:
     name: str
     embeds_key: str
     embed_token: str  # the continuous slot, repeated once per row
+    grid_key: str | None = None  # the ViT patch grid, sent by the gateway for both tracks' LLMs (not needed here)
     codes_key: str | None = None  # discrete codes, if the modality has them
     code_pad: str | None = None  # placeholder the codes replace
     code_end: str | None = None
@@ -75,13 +76,14 @@ MODALITIES: dict[str, Modality] = {
         "image",
         "image_embeds",
         "<|IMAGE_PAD|>",
+        grid_key="image_grid_thw",
         codes_key="discrete_image_codes",
         code_pad="<|DISCRETE_IMAGE_PAD|>",
         code_end="<|discrete_image_end|>",
         slot_start="<|image_start|>",
         unit_pattern=r"<\|vision(\d{5})\|>",
     ),
-    "video": Modality("video", "video_embeds", "<|VIDEO_PAD|>"),
+    "video": Modality("video", "video_embeds", "<|VIDEO_PAD|>", grid_key="video_grid_thw"),
     "audio": Modality(
         "audio",
         "audio_embeds",
@@ -140,7 +142,10 @@ class HCXOmniDataParser(MultiModalDataParser):
     """Precomputed inputs only; each item is a dict of the fields its `Modality` names."""
 
     embedding_fields = {
-        m.name: {m.embeds_key: "values", **({m.codes_key: "metadata"} if m.codes_key else {})}
+        m.name: {
+            m.embeds_key: "values",
+            **{key: "metadata" for key in (m.grid_key, m.codes_key) if key},
+        }
         for m in MODALITIES.values()
     }
 
@@ -171,8 +176,9 @@ def _fields_config(*modalities: str) -> dict[str, MultiModalFieldConfig]:
     for name in modalities:
         m = MODALITIES[name]
         fields[m.embeds_key] = MultiModalFieldConfig.batched(name)
-        if m.codes_key:
-            fields[m.codes_key] = MultiModalFieldConfig.batched(name, keep_on_cpu=True)
+        for key in (m.grid_key, m.codes_key):
+            if key:
+                fields[key] = MultiModalFieldConfig.batched(name, keep_on_cpu=True)
     return fields
 
 
@@ -219,6 +225,8 @@ class HCXOmniDummyInputsBuilder(BaseDummyInputsBuilder[HCXOmniProcessingInfo]):
             if count > 0:
                 m = MODALITIES[name]
                 item = {m.embeds_key: [torch.zeros(1, hidden)] * count}
+                if m.grid_key:
+                    item[m.grid_key] = torch.tensor([[1, 2, 2]] * count)
                 if m.codes_key:
                     item[m.codes_key] = [torch.zeros(1, dtype=torch.long)] * count
                 data[name] = item
