@@ -1,6 +1,7 @@
 """Embedded default models: tiny checkpoints built offline, in the real HyperCLOVAX-SEED layouts.
 
-`python -m hcxserve.embedded --track a --output DIR` builds the track A (Think-32B unified layout) checkpoint.
+`python -m hcxserve.embedded --track a --output DIR` builds the track A (Think-32B unified layout) checkpoint,
+`--track b` the track B (Omni-8B unified layout) one.
 Heavy modules (torch, transformers) load lazily from the submodules, so importing this package stays cheap.
 """
 

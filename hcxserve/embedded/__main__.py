@@ -1,4 +1,4 @@
-"""CLI: `python -m hcxserve.embedded --track a --output DIR [--cache DIR] [--no-check] [--force]`."""
+"""CLI: `python -m hcxserve.embedded --track {a,b} --output DIR [--cache DIR] [--no-check] [--force]`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .common import default_cache_dir
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hcxserve.embedded", description=__doc__)
-    parser.add_argument("--track", choices=["a"], required=True, help="which embedded model to build")
+    parser.add_argument("--track", choices=["a", "b"], required=True, help="which embedded model to build")
     parser.add_argument("--output", type=Path, required=True, help="checkpoint folder (built atomically)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="download cache (default: $HCX_CACHE_DIR or ~/.cache/hcxserve)")
@@ -35,10 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here, not at the top: only this module pulls in the builder, and the up-to-date path of the builder
     # returns before torch/transformers are imported.
-    from .track_a import build_track_a
+    if args.track == "a":
+        from .track_a import build_track_a as build
+    else:
+        from .track_b import build_track_b as build
 
-    result = build_track_a(args.output, args.cache or default_cache_dir(), check=args.check, force=args.force,
-                           chat_template_path=args.chat_template)
+    result = build(args.output, args.cache or default_cache_dir(), check=args.check, force=args.force,
+                   chat_template_path=args.chat_template)
     if result.up_to_date:
         print(f"{result.output}: up to date")
         return 0

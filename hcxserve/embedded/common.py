@@ -21,12 +21,15 @@ logger = logging.getLogger("hcxserve.embedded")
 
 # Bump when anything the builder writes changes (weights, configs, tokenizer), so old builds are rebuilt.
 BUILDER_VERSION = "track_a-2"
+# Track B's own version: its inputs (the tiny TA-Tok and audio components) change independently of track A.
+TRACK_B_BUILDER_VERSION = "track_b-1"
 
 # Written last into a finished build; its presence (with matching fields) is what "complete" means.
 MARKER_NAME = ".hcx-embedded.json"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRACK_A_CHAT_TEMPLATE = REPO_ROOT / "configs" / "chat_templates" / "track_a.jinja"
+TRACK_B_CHAT_TEMPLATE = REPO_ROOT / "configs" / "chat_templates" / "track_b.jinja"
 
 
 def default_cache_dir() -> Path:

@@ -97,3 +97,121 @@ def roundtrip_errors(tokenizer: PreTrainedTokenizerBase, expected_ids: dict[str,
     if tokenizer.eos_token != "<|im_end|>":
         errors.append(f"eos_token is {tokenizer.eos_token!r}")
     return errors
+
+
+# --- track B (Omni-8B layout) ------------------------------------------------------------------------------------
+
+# Appended after track A's tokens (same ids as track A up to `</think>`); the order fixes their ids.
+OMNI_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|discrete_image_start|>",
+    "<|DISCRETE_IMAGE_PAD|>",
+    "<|discrete_image_end|>",
+    "<|audio_start|>",
+    "<|AUDIO_PAD|>",
+    "<|audio_end|>",
+    "<|discrete_audio_start|>",
+    "<|DISCRETE_AUDIO_PAD|>",
+    "<|discrete_audio_end|>",
+    "<|audio_aux_start|>",
+    "<|audio_aux_end|>",
+    "<|audio_meta_duration|>",
+)
+AUDIO_TOKEN = "<|AUDIO_PAD|>"
+DISCRETE_IMAGE_TOKEN = "<|DISCRETE_IMAGE_PAD|>"
+DISCRETE_AUDIO_TOKEN = "<|DISCRETE_AUDIO_PAD|>"
+# Image-generation framing tokens the LLM emits around discrete image codes (W:H as in the token text).
+VISION_RATIOS: tuple[str, ...] = (
+    "1:1", "1:2", "2:1", "3:4", "4:3", "3:5", "5:3", "4:5", "5:4", "6:9", "9:6", "9:16", "16:9",
+)  # fmt: skip
+VISION_EOL = "<|vision_eol|>"
+VISION_EOF = "<|vision_eof|>"
+# CosyVoice2 S3-tokenizer FSQ: 8 ternary digits, a fixed 3**8 codes whatever the model size.
+AUDIO_UNITS = 3**8
+
+
+def vision_ratio_token(ratio: str) -> str:
+    return f"<|vision_ratio_{ratio}|>"
+
+
+def audio_unit_token(k: int) -> str:
+    return f"<|audio{k:04d}|>"
+
+
+def image_unit_token(k: int) -> str:
+    return f"<|vision{k:05d}|>"
+
+
+VISION_OUTPUT_TOKENS: tuple[str, ...] = (*(vision_ratio_token(r) for r in VISION_RATIOS), VISION_EOL, VISION_EOF)
+
+
+def add_omni_tokens(tokenizer: PreTrainedTokenizerBase, audio_units: int, image_units: int) -> dict[str, int]:
+    """Add the Omni tokens after track A's (call `add_hcx_tokens` first); returns {token: id} for the named ones.
+
+    The unit tokens (`<|audioNNNN|>` x audio_units, then `<|visionNNNNN|>` x image_units) are added in one batch
+    each, so each block is one contiguous id range; {"audio_unit_0": id, "image_unit_0": id} are in the result.
+    """
+    from transformers import AddedToken
+
+    def special(tokens: list[str] | tuple[str, ...]) -> list[AddedToken]:
+        return [AddedToken(t, special=True, normalized=False) for t in tokens]
+
+    tokenizer.add_special_tokens({"extra_special_tokens": special(OMNI_SPECIAL_TOKENS)},
+                                 replace_extra_special_tokens=False)
+    tokenizer._set_model_specific_special_tokens({"audio_token": AUDIO_TOKEN})
+    # Thousands of unit tokens: special in the backend (skipped by skip_special_tokens, never split), but not listed
+    # one by one in tokenizer_config.json's extra_special_tokens.
+    tokenizer.add_tokens(special(VISION_OUTPUT_TOKENS), special_tokens=True)
+    start = len(tokenizer)
+    added = tokenizer.add_tokens(special([audio_unit_token(k) for k in range(audio_units)]), special_tokens=True)
+    if added != audio_units:
+        raise RuntimeError(f"added {added} of {audio_units} audio unit tokens (some already existed)")
+    image_start = len(tokenizer)
+    added = tokenizer.add_tokens(special([image_unit_token(k) for k in range(image_units)]), special_tokens=True)
+    if added != image_units:
+        raise RuntimeError(f"added {added} of {image_units} image unit tokens (some already existed)")
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*OMNI_SPECIAL_TOKENS, *VISION_OUTPUT_TOKENS)}
+    ids["audio_unit_0"] = tokenizer.convert_tokens_to_ids(audio_unit_token(0))
+    ids["image_unit_0"] = tokenizer.convert_tokens_to_ids(image_unit_token(0))
+    if ids["audio_unit_0"] != start or ids["image_unit_0"] != image_start:
+        raise RuntimeError(f"unit blocks are not where they were added: {ids['audio_unit_0']} != {start} or "
+                           f"{ids['image_unit_0']} != {image_start}")
+    if len(set(ids.values())) != len(ids) or any(i is None or i < 0 for i in ids.values()):
+        raise RuntimeError(f"Omni tokens did not get distinct ids: {ids}")
+    logger.info("tokenizer: %d tokens (audio units %d..%d, image units %d..%d)", len(tokenizer), start,
+                start + audio_units - 1, image_start, image_start + image_units - 1)
+    return ids
+
+
+def unit_block_errors(tokenizer: PreTrainedTokenizerBase, audio_unit_0: int, audio_units: int, image_unit_0: int,
+                      image_units: int) -> list[str]:
+    """Every unit token must encode alone to exactly its id and decode back; the blocks must not overlap."""
+    errors: list[str] = []
+    blocks = (("audio", audio_unit_token, audio_unit_0, audio_units),
+              ("image", image_unit_token, image_unit_0, image_units))
+    for kind, name, first, count in blocks:
+        tokens = [name(k) for k in range(count)]
+        got = tokenizer.convert_tokens_to_ids(tokens)
+        if got != list(range(first, first + count)):
+            errors.append(f"{kind} unit ids are not the contiguous block {first}..{first + count - 1}")
+        # One batch call: encoding ~7.6k single tokens one by one is the slow part of a check.
+        encoded = tokenizer(tokens, add_special_tokens=False)["input_ids"]
+        bad = [t for t, ids, want in zip(tokens, encoded, range(first, first + count)) if ids != [want]]
+        if bad:
+            errors.append(f"{len(bad)} {kind} unit tokens do not encode to their own id, e.g. {bad[:3]}")
+        sample = list(range(first, first + count, max(1, count // 50))) + [first + count - 1]
+        if tokenizer.decode(sample) != "".join(tokens[i - first] for i in sample):
+            errors.append(f"{kind} unit tokens do not decode back to their text")
+    if image_unit_0 < audio_unit_0 + audio_units and audio_unit_0 < image_unit_0 + image_units:
+        errors.append("the audio and image unit blocks overlap")
+    text = ("<|discrete_audio_start|>" + "".join(audio_unit_token(k) for k in (0, 7, audio_units - 1))
+            + "<|discrete_audio_end|> hi <|discrete_image_start|>" + vision_ratio_token("16:9")
+            + image_unit_token(image_units - 1) + VISION_EOL + VISION_EOF + "<|discrete_image_end|>")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if tokenizer.decode(ids) != text:
+        errors.append(f"context round trip changed the text: {tokenizer.decode(ids)!r}")
+    if audio_unit_0 + 7 not in ids or image_unit_0 + image_units - 1 not in ids:
+        errors.append("unit tokens in context are not single ids")
+    if tokenizer.decode(ids, skip_special_tokens=True) != " hi ":
+        errors.append(f"skip_special_tokens kept {tokenizer.decode(ids, skip_special_tokens=True)!r}")
+    return errors

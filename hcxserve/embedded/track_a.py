@@ -346,9 +346,9 @@ def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     return total
 
 
-def save_processors(directory: Path, tokenizer: PreTrainedTokenizerBase, chat_template: str) -> None:
-    """preprocessor_config.json, video_preprocessor_config.json and processor_config.json (transformers' output)."""
-    from transformers import HyperCLOVAXVisionV2Processor, Qwen2VLImageProcessor
+def make_image_processors() -> tuple[Any, Any]:
+    """The Qwen2-VL image and video processors of the real checkpoints, on the small pixel budget."""
+    from transformers import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     common = dict(image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3, do_rescale=True, rescale_factor=1 / 255,
@@ -356,9 +356,22 @@ def save_processors(directory: Path, tokenizer: PreTrainedTokenizerBase, chat_te
                   temporal_patch_size=2)
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **common)
     video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS, **common)
+    return image_processor, video_processor
+
+
+def save_processors(directory: Path, tokenizer: PreTrainedTokenizerBase, chat_template: str) -> None:
+    """preprocessor_config.json, video_preprocessor_config.json and processor_config.json (transformers' output)."""
+    from transformers import HyperCLOVAXVisionV2Processor
+
+    image_processor, video_processor = make_image_processors()
     processor = HyperCLOVAXVisionV2Processor(image_processor=image_processor, tokenizer=tokenizer,
                                              video_processor=video_processor, chat_template=chat_template)
     processor.save_pretrained(str(directory))
+    save_image_processors(directory, image_processor, video_processor)
+
+
+def save_image_processors(directory: Path, image_processor: Any, video_processor: Any) -> None:
+    """preprocessor_config.json (with the flat min/max_pixels keys) and video_preprocessor_config.json."""
     image_processor.save_pretrained(str(directory))
     video_processor.save_pretrained(str(directory))
     # transformers 5 folds min/max_pixels into `size`; the flat keys (as in the Hub's Think-32B file) keep older
