@@ -6,6 +6,7 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import TrackConfig
+from services.dependencies import batching
 from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, AudioInput, encode_tensor
 
 
@@ -33,7 +34,7 @@ def audio_encoder_service(config: TrackConfig) -> type:
                 attn_implementation=cfg.attn_implementation,
             )
 
-        @bentoml.api(batchable=True, max_batch_size=cfg.max_batch_size, max_latency_ms=cfg.max_latency_ms)
+        @bentoml.api(**batching(cfg))
         def encode(self, clips: list[AudioInput]) -> list[AudioEncoding]:
             from hcxserve.audio import AudioDecodeError, AudioTooLongError, decode_audio
 

@@ -25,13 +25,13 @@ from hcxserve.protocol.errors import (
     APIError,
     InvalidRequestError,
     PayloadTooLargeError,
-    ServiceUnavailableError,
     internal_error,
     invalid_request_from_validation,
 )
 from hcxserve.protocol.openai import ChatCompletionRequest
 from hcxserve.serving import ChatCompletionServing
 from hcxserve.visual_inputs import VisualInputs
+from services.dependencies import call_dependency
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +138,7 @@ def gateway_service(
             )
 
         async def _call(self, dependency: str, method: str, items):
-            # resolved per call: the dependency proxy gets its methods only once the server is running
-            try:
-                return await getattr(getattr(self, dependency).to_async, method)(items)
-            except bentoml.exceptions.ServiceUnavailable:
-                what = dependency.replace("_", " ")
-                raise ServiceUnavailableError(f"The {what} is overloaded; retry shortly.") from None
+            return await call_dependency(getattr(self, dependency), method, items, what=dependency.replace("_", " "))
 
         @bentoml.on_shutdown
         async def _stop(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import TrackConfig
+from services.dependencies import batching
 from hcxserve.media import decode_image
 from hcxserve.protocol.errors import InvalidRequestError, MediaError
 from hcxserve.protocol.payloads import ImageInput, VideoInput, VisionEmbedding, VisionEncoding
@@ -48,7 +49,7 @@ def vision_encoder_service(config: TrackConfig) -> type:
             self.tower = VisionTower.from_pretrained(ve_dir, **options)
             self.ta_tok = TATokEncoder.from_pretrained(ve_dir, **options) if self.tower.spec.discrete else None
 
-        @bentoml.api(batchable=True, max_batch_size=cfg.max_batch_size, max_latency_ms=cfg.max_latency_ms)
+        @bentoml.api(**batching(cfg))
         def encode(self, images: list[ImageInput]) -> list[VisionEncoding]:
             results: list[VisionEncoding | None] = [None] * len(images)
             decoded, positions = [], []

@@ -14,6 +14,7 @@ import pytest
 from hcxserve.config import PROJECT_ROOT, load_track_config
 
 EMBEDDED_TRACK_A = PROJECT_ROOT / "models" / "embedded" / "track_a"
+EMBEDDED_TRACK_B = PROJECT_ROOT / "models" / "embedded" / "track_b"
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,13 @@ def track_a_model_dir() -> Path:
     if not (EMBEDDED_TRACK_A / "manifest.json").exists():
         pytest.fail(f"{EMBEDDED_TRACK_A} is missing: run `make model` (the README's test command does)")
     return EMBEDDED_TRACK_A
+
+
+@pytest.fixture(scope="session")
+def track_b_model_dir() -> Path:
+    if not (EMBEDDED_TRACK_B / "manifest.json").exists():
+        pytest.fail(f"{EMBEDDED_TRACK_B} is missing: run `make model` (the README's test command does)")
+    return EMBEDDED_TRACK_B
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +44,21 @@ def make_png(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str =
         image.putpixel((x, x % height), (0, 0, 255) if mode == "RGB" else (0, 0, 255, 255))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_audio(seconds: float = 2.0, rate: int = 22050, fmt: str = "WAV", freq: float = 440.0, channels: int = 1) -> bytes:
+    """A tone (with a little seeded noise) in any container soundfile writes: WAV, MP3, FLAC, OGG."""
+    import numpy as np
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(int(freq)).normal(0, 0.02, t.shape)
+    signal = (0.3 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+    if channels > 1:
+        signal = np.stack([signal] * channels, axis=1)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, signal, rate, format=fmt)
     return buffer.getvalue()
 
 
@@ -71,6 +94,8 @@ def media_server(tmp_path_factory):
     (root / "blue.png").write_bytes(make_png(96, 64, (20, 20, 220)))
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
     (root / "clip.mp4").write_bytes(make_video(seconds=3, fps=10))
+    (root / "tone.wav").write_bytes(make_audio(seconds=2.0))
+    (root / "tone.mp3").write_bytes(make_audio(seconds=2.0, fmt="MP3", freq=660.0))
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -1,4 +1,4 @@
-"""A real multi-process `bentoml serve` of a track, on the embedded default model, for the whole session."""
+"""A real multi-process `bentoml serve` of a track, on the embedded default model, for a test module."""
 
 from __future__ import annotations
 
@@ -30,15 +30,29 @@ def serve_bento(target: str, overrides: dict[str, str], log_path: Path) -> Serve
     )
 
 
-@pytest.fixture(scope="session")
-def track_a_server(track_a_model_dir, tmp_path_factory):
+def served(target: str, log_path: Path, **overrides: str):
+    llm_port = free_port()
     server = serve_bento(
-        "bentos.track_a:TrackAGateway",
-        {"media.allow_private_networks": "true", "llm.port": str(free_port())},
-        tmp_path_factory.mktemp("logs") / "track_a.log",
+        target, {"media.allow_private_networks": "true", "llm.port": str(llm_port), **overrides}, log_path
     )
+    server.llm_port = llm_port  # the LLM component's own vLLM server, for tests that check it directly
     try:
         server.wait_ready(f"{server.url}/readyz", READY_TIMEOUT_S)
         yield server
     finally:
         server.stop()
+
+
+# Module scope: one track's bento at a time (each is ~6 GB of RSS and wants both cores).
+@pytest.fixture(scope="module")
+def track_a_server(track_a_model_dir, tmp_path_factory):
+    yield from served("bentos.track_a:TrackAGateway", tmp_path_factory.mktemp("logs") / "track_a.log")
+
+
+@pytest.fixture(scope="module")
+def track_b_server(track_b_model_dir, tmp_path_factory):
+    yield from served(
+        "bentos.track_b:TrackBGateway",
+        tmp_path_factory.mktemp("logs") / "track_b.log",
+        **{"media.max_audio_seconds": "20", "media.max_video_seconds": "20"},
+    )

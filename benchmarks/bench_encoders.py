@@ -1,0 +1,370 @@
+"""Encoder throughput with and without BentoML adaptive batching, at several client concurrencies, in one run.
+
+For each encoder (track A's vision encoder; track B's vision and audio encoders where `models/embedded/track_b`
+holds them) two real multi-process servers of the REAL service class are started side by side with
+`bentoml serve benchmarks.encoder_bento:<Svc>`:
+
+- "batching": the track config as is (adaptive batching, `max_batch_size` from the config);
+- "batch size 1": `HCX_OVERRIDES="<section>.max_batch_size=1"`, which serves the same `encode` with adaptive
+  batching off: one call per request, the baseline.
+
+Each server is a thin entry (`VisionBench` / `AudioBench`, JSON in) in front of the real encoder as a BentoML
+dependency, called the way the gateway calls it (own worker process, pickle wire format, `encode([item])`).
+Clients (httpx) call the entry's `POST /encode`, one item per request, `c` requests in flight, closed loop, a
+fixed number of items per measurement; requests that fail are counted and left out of items/s. Rounds alternate
+between the two servers so drift on a shared machine hits both alike; items/s is the median over rounds, latency
+the p50 over all requests of a level. Items: a 224x224 PNG (256 patches, inside the embedded models' pixel limits;
+`--image-size`), a 3-s 16-kHz mono WAV.
+
+Ratios: batching at c=8 over batch size 1 at c=8 (the target: >= 2.5x) and over batch size 1 at c=1.
+Prints a markdown table; `--out` also writes it, with the machine, date, command and models.
+
+    .venv/bin/python benchmarks/bench_encoders.py --out benchmarks/results/encoders.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import io
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hcxserve.config import load_track_config  # noqa: E402
+from hcxserve.testing import ServedProcess, free_port  # noqa: E402
+
+
+def test_png(width: int = 224, height: int = 224) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (90, 140, 200))
+    draw = ImageDraw.Draw(image)
+    for i in range(0, width, 32):
+        draw.rectangle([i, height // 3, i + 16, 2 * height // 3], fill=(230, 200, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_wav(seconds: float = 3.0, rate: int = 16000) -> bytes:
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(0)
+    samples = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)
+    buffer = io.BytesIO()
+    sf.write(buffer, samples.astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+@dataclass
+class Encoder:
+    key: str  # vision-a, vision-b, audio-b
+    track: str
+    service: str  # class name in benchmarks.encoder_bento
+    section: str  # config section
+    items: int  # items per measurement
+    image_size: int = 224
+
+    @property
+    def label(self) -> str:
+        kind = "vision" if self.service == "VisionEncoder" else "audio"
+        return f"{kind} encoder, track {self.track.upper()}"
+
+    def component(self) -> str:
+        return "ve" if self.service == "VisionEncoder" else "ae"
+
+    def request_body(self) -> tuple[bytes, dict[str, str]]:
+        """One request of one item, serialized once (the client's own CPU time stays out of the figures)."""
+        data = test_png(self.image_size, self.image_size) if self.service == "VisionEncoder" else test_wav()
+        body = json.dumps({"data_b64": base64.b64encode(data).decode("ascii")}).encode()
+        return body, {"Content-Type": "application/json"}
+
+
+ENCODERS = {
+    "vision-a": Encoder("vision-a", "a", "VisionEncoder", "vision_encoder", 96),
+    "vision-b": Encoder("vision-b", "b", "VisionEncoder", "vision_encoder", 96),
+    "audio-b": Encoder("audio-b", "b", "AudioEncoder", "audio_encoder", 48),
+}
+
+
+@dataclass
+class Level:
+    rates: list[float] = field(default_factory=list)  # items/s, one per round
+    latencies: list[float] = field(default_factory=list)  # seconds, every request of every round
+    failed: int = 0  # requests answered with an error (not counted in items/s)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(self.latencies) * 1000
+
+
+class Server:
+    def __init__(self, encoder: Encoder, mode: str, env: dict[str, str], log_dir: Path) -> None:
+        self.mode = mode
+        self.section = encoder.section
+        self.port = free_port()
+        self.env = {**env, "HCX_BENCH_TRACK": encoder.track}
+        if mode != "batching":
+            overrides = f"{env.get('HCX_OVERRIDES', '')} {encoder.section}.max_batch_size=1"
+            self.env["HCX_OVERRIDES"] = overrides.strip()
+        self.config = load_track_config(encoder.track, env=self.env)
+        cmd = [
+            str(ROOT / ".venv/bin/bentoml"),
+            "serve",
+            f"benchmarks.encoder_bento:{encoder.service.replace('Encoder', 'Bench')}",
+            "--port",
+            str(self.port),
+        ]
+        self.proc = ServedProcess(cmd, self.env, log_dir / f"{encoder.key}-{mode}.log")
+        self.url = f"http://127.0.0.1:{self.port}/encode"
+
+    @property
+    def max_batch_size(self) -> int:
+        return getattr(self.config, self.section).max_batch_size
+
+
+async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> float | None:
+    """Latency of one request, None when it failed (counted, not timed)."""
+    start = time.perf_counter()
+    response = await client.post(url, content=body, headers=headers)
+    elapsed = time.perf_counter() - start
+    return elapsed if response.status_code == 200 else None
+
+
+def check_response(response: httpx.Response) -> str:
+    """Decode one answer and say what it holds (so a server answering errors is not benchmarked)."""
+    result = response.json()
+    if "rows" not in result:
+        raise RuntimeError(f"encoder answered {result}")
+    return f"{result['rows']}x{result['dim']} {result['dtype']}"
+
+
+async def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrency: int, total: int):
+    """`total` single-item requests, `concurrency` in flight: items/s (answered ones), the latency of each,
+    and how many failed."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        remaining = [total]
+        latencies: list[float] = []
+        failed = [0]
+
+        async def worker() -> None:
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                latency = await post(client, url, body, headers)
+                if latency is None:
+                    failed[0] += 1
+                else:
+                    latencies.append(latency)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(latencies) / (time.perf_counter() - start), latencies, failed[0]
+
+
+async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> dict:
+    body, headers = encoder.request_body()
+    # both servers run side by side (an idle one costs no CPU) so their rounds can be interleaved
+    servers = [Server(encoder, mode, env, log_dir) for mode in ("bs1", "batching")]
+    try:
+        for server in servers:
+            server.proc.wait_ready(f"http://127.0.0.1:{server.port}/readyz", timeout=600)
+        shape = ""
+        for server in servers:
+            async with httpx.AsyncClient(timeout=600) as client:
+                response = await client.post(server.url, content=body, headers=headers)
+                response.raise_for_status()
+                shape = check_response(response)
+            # warm-up: the dispatcher trains its latency model on its first ~12 calls, then both servers see
+            # every concurrency level once before anything is timed
+            await closed_loop(server.url, body, headers, 1, 16)
+            for c in args.concurrency:
+                await closed_loop(server.url, body, headers, c, max(2 * c, 8))
+        results: dict[str, dict[int, Level]] = {s.mode: {c: Level() for c in args.concurrency} for s in servers}
+        for r in range(args.rounds):
+            for c in args.concurrency:
+                order = servers if r % 2 == 0 else servers[::-1]
+                for server in order:
+                    rate, latencies, failed = await closed_loop(server.url, body, headers, c, encoder.items)
+                    level = results[server.mode][c]
+                    level.rates.append(rate)
+                    level.latencies += latencies
+                    level.failed += failed
+            print(f"  {encoder.key}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        return {
+            "encoder": encoder,
+            "results": results,
+            "max_batch_size": {s.mode: s.max_batch_size for s in servers},
+            "threads": getattr(servers[0].config, encoder.section).threads,
+            "shape": shape,
+            "ready_s": {s.mode: s.proc.ready_after_s for s in servers},
+        }
+    finally:
+        for server in servers:
+            server.proc.stop()
+
+
+def machine() -> str:
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = "no GPU"
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    mem = psutil.virtual_memory().total / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores, {mem:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads by default)"
+    )
+
+
+def model_line(encoder: Encoder, env: dict[str, str]) -> str:
+    config = load_track_config(encoder.track, env=env)
+    folder = config.component_dir(encoder.component())
+    manifest = config.model_dir / "manifest.json"
+    size = ""
+    if manifest.exists():
+        info = json.loads(manifest.read_text()).get("components", {}).get(encoder.component(), {})
+        if info.get("bytes"):
+            size = f", {info['bytes'] / 2**20:.1f} MiB of weights"
+    cfg = getattr(config, encoder.section)
+    return f"`{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}` ({cfg.dtype}, {cfg.device}{size})"
+
+
+def render(runs: list[dict], args: argparse.Namespace, env: dict[str, str], command: str) -> str:
+    import bentoml
+
+    lines = [
+        "# Encoder throughput: adaptive batching vs batch size 1",
+        "",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Machine: {machine()}",
+        f"- BentoML {bentoml.__version__}; `bentoml serve benchmarks.encoder_bento:<Svc>` (the real service classes, "
+        "one worker each); the two configurations run side by side and their rounds alternate",
+        f"- Command: `{command}`",
+        "- Path: client -> JSON entry service -> the encoder as a BentoML dependency (pickle, one `encode([item])` "
+        "call per request, as the gateway makes)",
+        f"- Load: closed loop, one item per request, "
+        f"{args.rounds} rounds per level; items/s = median over rounds, p50 = over every request of the level",
+        f"- Items: a {args.image_size}x{args.image_size} PNG (image), a 3-s 16-kHz mono WAV (audio)",
+        "",
+    ]
+    for run in runs:
+        encoder: Encoder = run["encoder"]
+        res = run["results"]
+        mbs = run["max_batch_size"]
+        lines += [
+            f"## {encoder.label}",
+            "",
+            f"- Model: {model_line(encoder, env)}; output per item: {run['shape']}",
+            f"- Batching: adaptive, `max_batch_size={mbs['batching']}` (config default); batch size 1: the same "
+            f"`encode` with `{encoder.section}.max_batch_size=1` (batching off); `{encoder.section}.threads={run['threads']}`; "
+            f"{encoder.items} items per measurement",
+            "",
+            "| concurrency | batch size 1: items/s | batch size 1: p50 ms | batching: items/s | batching: p50 ms "
+            "| batching / batch size 1 | failed requests (bs1 / batching) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in args.concurrency:
+            bs1, bat = res["bs1"][c], res["batching"][c]
+            lines.append(
+                f"| {c} | {bs1.rate:.1f} | {bs1.p50_ms:.1f} | {bat.rate:.1f} | {bat.p50_ms:.1f} "
+                f"| {bat.rate / bs1.rate:.2f}x | {bs1.failed} / {bat.failed} |"
+            )
+        top, low = max(args.concurrency), min(args.concurrency)
+        vs_top = res["batching"][top].rate / res["bs1"][top].rate
+        vs_low = res["batching"][top].rate / res["bs1"][low].rate
+        verdict = "met" if vs_top >= args.target else "NOT met"
+        lines += [
+            "",
+            f"- batching c={top} / batch size 1 c={top}: **{vs_top:.2f}x** (target >= {args.target}x: {verdict})",
+            f"- batching c={top} / batch size 1 c={low}: **{vs_low:.2f}x**",
+            f"- batching c={top} / batching c={low}: {res['batching'][top].rate / res['batching'][low].rate:.2f}x",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def available(keys: list[str]) -> list[Encoder]:
+    out = []
+    for key in keys:
+        encoder = ENCODERS[key]
+        folder = load_track_config(encoder.track).component_dir(encoder.component())
+        if (folder / "config.json").exists():
+            out.append(encoder)
+        else:
+            print(f"skipping {key}: {folder} not built (make model)", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--encoders", default="vision-a,vision-b,audio-b", help="comma-separated: " + ", ".join(ENCODERS)
+    )
+    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated client concurrencies")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vision-items", type=int, default=96, help="items per measurement, vision")
+    parser.add_argument("--audio-items", type=int, default=48, help="items per measurement, audio")
+    parser.add_argument("--image-size", type=int, default=224, help="side of the square test PNG")
+    parser.add_argument("--target", type=float, default=2.5, help="required batching/batch-size-1 ratio at top c")
+    parser.add_argument("--log-dir", default="/tmp/hcx_bench_encoders")
+    parser.add_argument("--out", help="also write the markdown table here")
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    for encoder in ENCODERS.values():
+        encoder.items = args.vision_items if encoder.service == "VisionEncoder" else args.audio_items
+        encoder.image_size = args.image_size
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    import torch
+
+    if not torch.cuda.is_available():
+        env["BENTOML_DISABLE_GPU_ALLOCATION"] = "1"
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([".venv/bin/python", "benchmarks/bench_encoders.py", *sys.argv[1:]])
+    runs = []
+    for encoder in available(args.encoders.split(",")):
+        print(f"{encoder.key}: starting servers", file=sys.stderr, flush=True)
+        runs.append(asyncio.run(bench_encoder(encoder, args, env, log_dir)))
+    table = render(runs, args, env, command)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The real encoder services behind a thin entry, for benchmarks/bench_encoders.py:
+`bentoml serve benchmarks.encoder_bento:VisionBench` (or `AudioBench`).
+
+The entry takes one item per request as JSON (`{"data_b64": ...}`) and calls the real `VisionEncoder` /
+`AudioEncoder` (built from the track config by `services/`) as a BentoML dependency, exactly as the gateway does:
+its own worker process, BentoML's pickle wire format, one `encode([item])` call per request, so adaptive batching
+merges concurrent requests. (The encoders cannot be the entry themselves: BentoML refuses the pickle format at the
+entry, and their `bytes` fields have no JSON form.) The entry answers the embedding's shape, not the embedding.
+
+`HCX_BENCH_TRACK` (a or b, default a) picks the track config; `HCX_CONFIG`, `HCX_MODEL_DIR` and `HCX_OVERRIDES`
+apply as for the bentos (`HCX_OVERRIDES="vision_encoder.max_batch_size=1"` turns adaptive batching off).
+
+Classes are built on first access, so serving track A's vision encoder never loads track B's config.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hcxserve.config import load_track_config
+
+TRACK = os.environ.get("HCX_BENCH_TRACK", "a")
+
+
+def _encoder(name: str) -> type:
+    config = load_track_config(TRACK)
+    if name == "VisionEncoder":
+        from services.vision_encoder import vision_encoder_service
+
+        return vision_encoder_service(config)
+    from services.audio_encoder import audio_encoder_service
+
+    return audio_encoder_service(config)
+
+
+def _bench(encoder: type) -> type:
+    import base64
+
+    import bentoml
+
+    from hcxserve.protocol.payloads import AudioInput, ImageInput
+    from services.dependencies import call_dependency
+
+    config = load_track_config(TRACK)
+    vision = encoder.name == "VisionEncoder"
+
+    @bentoml.service(name=f"{encoder.name}Bench", traffic={"timeout": 600})
+    class Bench:
+        target = bentoml.depends(encoder)
+
+        @bentoml.api
+        async def encode(self, data_b64: str) -> dict:
+            data = base64.b64decode(data_b64)
+            if vision:
+                item = ImageInput(data=data)
+            else:
+                item = AudioInput(data=data, format="wav", max_seconds=config.media.max_audio_seconds)
+            (result,) = await call_dependency(self.target, "encode", [item], what=encoder.name)
+            if result.embedding is None:
+                return {"error": result.error, "status": result.status}
+            return {"rows": result.embedding.rows, "dim": result.embedding.dim, "dtype": result.embedding.dtype}
+
+    return Bench
+
+
+def __getattr__(name: str):
+    if name in ("VisionEncoder", "AudioEncoder"):
+        service = _encoder(name)
+    elif name in ("VisionBench", "AudioBench"):
+        service = _bench(_encoder(name.replace("Bench", "Encoder")))
+    else:
+        raise AttributeError(name)
+    globals()[name] = service  # the import string must resolve to the same class on every access
+    return service

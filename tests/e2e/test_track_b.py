@@ -1,0 +1,254 @@
+"""Track B end to end: the official `openai` SDK against a real multi-process `bentoml serve` (gateway, vision
+encoder with TA-Tok, audio encoder, and vLLM serving the Omni LLM class on the embedded default model)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import data_url, make_audio, make_png, make_video
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "track_b_model"
+GREEDY = {"temperature": 0.0, "seed": 0}
+NO_REASONING = {"chat_template_kwargs": {"skip_reasoning": True}}
+
+
+@pytest.fixture(scope="module")
+def client(track_b_server):
+    return openai.OpenAI(base_url=f"{track_b_server.url}/b/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def ask(client, content, **kwargs):
+    messages = [{"role": "user", "content": content}]
+    return client.chat.completions.create(model=MODEL, messages=messages, **{"max_tokens": 16, **GREEDY, **kwargs})
+
+
+def text(value):
+    return {"type": "text", "text": value}
+
+
+def audio(data: bytes, fmt: str | None = "wav"):
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def audio_ref(value: str):
+    return {"type": "input_audio", "input_audio": {"data": value, "format": "wav"}}
+
+
+def image_url(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def answer(response) -> str:
+    message = response.choices[0].message
+    return message.content or message.model_extra.get("reasoning_content") or ""
+
+
+def test_models_on_both_prefixes(track_b_server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    plain = openai.OpenAI(base_url=f"{track_b_server.url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in plain.models.list().data] == [MODEL]
+
+
+def test_text_reasons_by_default_and_skip_reasoning_answers_directly(client):
+    direct = ask(client, "What is the capital of France?", extra_body=NO_REASONING)
+    assert "Paris" in direct.choices[0].message.content
+    assert direct.choices[0].message.model_extra.get("reasoning_content") is None
+    reasoned = ask(client, "What is the capital of France?")
+    # the prompt opened a think block, so everything generated before `</think>` is reasoning
+    assert reasoned.choices[0].message.model_extra.get("reasoning_content")
+
+
+def test_wav_audio(client):
+    response = ask(client, [audio(make_audio(seconds=2.0, rate=22050)), text("What do you hear?")])
+    assert answer(response)
+    # 2 s of audio: 50 CosyVoice codes + 50 continuous rows, plus the template's text
+    assert response.usage.prompt_tokens > 100
+
+
+def test_audio_forms_reach_the_model_identically(client, media_server):
+    """OpenAI's base64 bytes, a data: URL, a plain URL and base64 of the URL (OmniServe's form) are one clip."""
+    base, root = media_server
+    wav = (root / "tone.wav").read_bytes()
+    url = f"{base}/tone.wav"
+    forms = [
+        audio(wav),
+        audio_ref(data_url(wav, "audio/wav")),
+        audio_ref(url),
+        audio_ref(base64.b64encode(url.encode()).decode()),
+        audio_ref(base64.urlsafe_b64encode(url.encode()).decode()),
+        {"type": "audio_url", "audio_url": {"url": url}},
+    ]
+    results = [ask(client, [form, text("Describe the sound.")], extra_body=NO_REASONING) for form in forms]
+    assert len({(r.usage.prompt_tokens, r.choices[0].message.content) for r in results}) == 1
+
+
+def test_mp3_differs_from_wav(client, media_server):
+    base, _ = media_server
+    wav = ask(client, [audio_ref(f"{base}/tone.wav"), text("Describe the sound.")], extra_body=NO_REASONING)
+    mp3 = ask(
+        client,
+        [{"type": "input_audio", "input_audio": {"data": f"{base}/tone.mp3", "format": "mp3"}}, text("Describe.")],
+        extra_body=NO_REASONING,
+    )
+    assert answer(mp3)
+    assert mp3.usage.prompt_tokens > 100 and wav.usage.prompt_tokens > 100
+
+
+def test_image_and_video(client, media_server):
+    base, _ = media_server
+    image = ask(client, [image_url(f"{base}/red.png"), text("Describe the image.")], extra_body=NO_REASONING)
+    # an image is a TA-Tok block (16 codes in the embedded model) plus its continuous rows
+    assert answer(image) and image.usage.prompt_tokens > 16
+    video_part = {"type": "video_url", "video_url": {"url": f"{base}/clip.mp4"}}
+    video = ask(client, [video_part, text("Describe.")], extra_body=NO_REASONING)
+    assert answer(video) and video.usage.prompt_tokens > image.usage.prompt_tokens
+
+
+def test_everything_in_one_request_streams_like_it_answers(client, media_server):
+    base, root = media_server
+    content = [
+        image_url(data_url((root / "blue.png").read_bytes(), "image/png")),
+        {"type": "video", "video": [f"{base}/red.png", f"{base}/red.png", f"{base}/red.png", f"{base}/red.png"]},
+        audio((root / "tone.wav").read_bytes()),
+        audio_ref(f"{base}/tone.mp3"),
+        text("What is in these?"),
+    ]
+    whole = ask(client, content, extra_body=NO_REASONING)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=NO_REASONING,
+            **GREEDY,
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_streaming_reasoning(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": [audio(make_audio(1.0)), text("Hi")]}],
+            max_tokens=8,
+            stream=True,
+            **GREEDY,
+        )
+    )
+    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
+    assert reasoning
+
+
+def test_discrete_codes_enter_the_prompt_as_unit_tokens(track_b_server, track_b_model_dir):
+    """Straight at the LLM component's vLLM: codes become `unit_0 + code` token ids (not raw ids, OmniServe's
+    bug) between their block markers, and every continuous row gets one slot."""
+    import io
+
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(track_b_model_dir / "llm")
+    config = json.loads((track_b_model_dir / "llm" / "config.json").read_text())
+
+    def b64(tensor):
+        buffer = io.BytesIO()
+        torch.save(tensor, buffer)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    hidden = config["hidden_size"]
+    content = [
+        {
+            "type": "image_embeds",
+            "image_embeds": {
+                "image_embeds": b64(torch.zeros(4, hidden)),
+                "image_grid_thw": [1, 4, 4],
+                "discrete_image_codes": [0, 7, 1023],
+            },
+        },
+        {
+            "type": "audio_embeds",
+            "audio_embeds": {"audio_embeds": b64(torch.zeros(5, hidden)), "discrete_audio_codes": [6560, 3]},
+        },
+        {"type": "text", "text": "Hi"},
+    ]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 1}
+    url = f"http://127.0.0.1:{track_b_server.llm_port}/v1/chat/completions"
+    response = httpx.post(url, json={**body, "return_token_ids": True}, timeout=120)
+    assert response.status_code == 200, response.text
+    ids = response.json()["prompt_token_ids"]
+    vision_0 = tokenizer.convert_tokens_to_ids("<|vision00000|>")
+    audio_0 = tokenizer.convert_tokens_to_ids("<|audio0000|>")
+    start = tokenizer.convert_tokens_to_ids("<|discrete_image_start|>")
+    assert ids[ids.index(start) + 1 : ids.index(start) + 5] == [
+        vision_0,
+        vision_0 + 7,
+        vision_0 + 1023,
+        tokenizer.convert_tokens_to_ids("<|discrete_image_end|>"),
+    ]
+    start = tokenizer.convert_tokens_to_ids("<|discrete_audio_start|>")
+    assert ids[ids.index(start) + 1 : ids.index(start) + 3] == [audio_0 + 6560, audio_0 + 3]
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|IMAGE_PAD|>")) == 4
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|AUDIO_PAD|>")) == 5
+
+    # and the engine refuses, with a 400, codes outside the codebook and embeddings of the wrong width
+    content[0]["image_embeds"]["discrete_image_codes"] = [1024]
+    assert httpx.post(url, json=body, timeout=60).status_code == 400
+    content[0]["image_embeds"]["discrete_image_codes"] = [1]
+    content[1]["audio_embeds"]["audio_embeds"] = b64(torch.zeros(5, hidden + 1))
+    assert httpx.post(url, json=body, timeout=60).status_code == 400
+    assert httpx.get(f"http://127.0.0.1:{track_b_server.llm_port}/health", timeout=10).status_code == 200
+
+
+def wav_header_only() -> bytes:
+    return make_audio(1.0)[:44]
+
+
+BAD_REQUESTS = [
+    # corrupt, empty, unsupported and over-long audio
+    ([audio(b"RIFF\x00\x00\x00\x00WAVEfmt garbage that is not audio")], 400, "messages[0].content[0]"),
+    ([audio(wav_header_only())], 400, "messages[0].content[0]"),
+    ([audio_ref("")], 400, "messages[0].content[0].input_audio.data"),
+    ([audio(b"\x00\x00\x00\x18ftypM4A \x00\x00\x00\x00", fmt=None)], 400, "messages[0].content[0]"),
+    ([audio(make_audio(1.0), fmt="aac")], 400, "messages[0].content[0].input_audio.format"),
+    ([audio(make_audio(seconds=25.0, rate=8000))], 413, "messages[0].content[0]"),
+    ([audio_ref(base64.b64encode(b"s3://bucket/key.pt").decode())], 400, "messages[0].content[0]"),
+    ([audio_ref("file:///etc/passwd")], 400, "messages[0].content[0]"),
+    ([audio(make_audio(0.5))] * 5, 400, "messages"),
+    # bad video: corrupt, too long, too many frames
+    ([{"type": "video_url", "video_url": {"url": data_url(b"nope", "video/mp4")}}], 400, "messages[0].content[0]"),
+    (
+        [{"type": "video_url", "video_url": {"url": data_url(make_video(seconds=25, fps=2), "video/mp4")}}],
+        413,
+        "messages[0].content[0]",
+    ),
+    ([{"type": "video", "video": [data_url(make_png(), "image/png")] * 300}], 400, "messages[0].content[0]"),
+    ([image_url(data_url(b"definitely not an image"))], 400, "messages[0].content[0]"),
+]
+
+
+@pytest.mark.parametrize(("content", "status", "param"), BAD_REQUESTS)
+def test_bad_media_gets_an_openai_error(track_b_server, content, status, param):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    response = httpx.post(f"{track_b_server.url}/b/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    assert "Traceback" not in response.text
+
+
+def test_still_healthy_after_bad_input(track_b_server, client):
+    assert httpx.get(f"{track_b_server.url}/readyz", timeout=10).status_code == 200
+    assert ask(client, [audio(make_audio(1.0)), text("Hi")], max_tokens=4).choices[0].finish_reason
