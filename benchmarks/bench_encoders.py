@@ -286,7 +286,8 @@ def render(runs: list[dict], args: argparse.Namespace, env: dict[str, str], comm
             "",
             f"- Model: {model_line(encoder, env)}; output per item: {run['shape']}",
             f"- Batching: adaptive, `max_batch_size={mbs['batching']}` (config default); batch size 1: the same "
-            f"`encode` with `{encoder.section}.max_batch_size=1` (batching off); `{encoder.section}.threads={run['threads']}`; "
+            f"`encode` with `{encoder.section}.max_batch_size=1` (batching off); "
+            f"`{encoder.section}.threads={run['threads']}`; "
             f"{encoder.items} items per measurement",
             "",
             "| concurrency | batch size 1: items/s | batch size 1: p50 ms | batching: items/s | batching: p50 ms "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import TrackConfig
-from services.dependencies import batching
 from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, AudioInput, encode_tensor
+from services.dependencies import batching
 
 
 def audio_encoder_service(config: TrackConfig) -> type:

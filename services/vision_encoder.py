@@ -7,11 +7,11 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import TrackConfig
-from services.dependencies import batching
 from hcxserve.media import decode_image
 from hcxserve.protocol.errors import InvalidRequestError, MediaError
 from hcxserve.protocol.payloads import ImageInput, VideoInput, VisionEmbedding, VisionEncoding
 from hcxserve.video import pad_to_temporal_patch, sample_video
+from services.dependencies import batching
 
 
 def _encoding(encoded, discrete_codes: list[int] | None = None) -> VisionEncoding:

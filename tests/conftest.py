@@ -47,7 +47,9 @@ def make_png(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str =
     return buffer.getvalue()
 
 
-def make_audio(seconds: float = 2.0, rate: int = 22050, fmt: str = "WAV", freq: float = 440.0, channels: int = 1) -> bytes:
+def make_audio(
+    seconds: float = 2.0, rate: int = 22050, fmt: str = "WAV", freq: float = 440.0, channels: int = 1
+) -> bytes:
     """A tone (with a little seeded noise) in any container soundfile writes: WAV, MP3, FLAC, OGG."""
     import numpy as np
     import soundfile
