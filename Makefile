@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make serve   set up .venv, build the embedded default models (tracks A and B), serve track A on :3000
+#                (`make serve TRACK=b` serves track B)
 #   make test    set up .venv, build the embedded default models, run the whole test suite
 PY := .venv/bin/python
 UNIFIED_A := models/embedded/unified/track_a
@@ -7,6 +8,7 @@ MODEL_A := models/embedded/track_a
 UNIFIED_B := models/embedded/unified/track_b
 MODEL_B := models/embedded/track_b
 PORT ?= 3000
+TRACK ?= a
 export BENTOML_DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -30,7 +32,7 @@ $(MODEL_B)/manifest.json: $(UNIFIED_B)/.hcx-embedded.json
 	$(PY) convert_model.py --input $(UNIFIED_B) --output $(MODEL_B) --track b --components llm ve ae --verify --force
 
 serve: model
-	bash scripts/serve.sh bentos.track_a:TrackAGateway --port $(PORT)
+	bash scripts/serve.sh bentos.track_$(TRACK):Track$(shell echo $(TRACK) | tr ab AB)Gateway --port $(PORT)
 
 test: model
 	$(PY) -m pytest -ra
@@ -41,3 +43,4 @@ test-unit: setup
 build: setup
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 	HCX_CONFIG=configs/track_a.yaml .venv/bin/bentoml build -f bentofile.yaml
+	HCX_CONFIG=configs/track_b.yaml .venv/bin/bentoml build -f bentofile.track_b.yaml

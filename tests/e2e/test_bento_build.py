@@ -1,4 +1,5 @@
-"""`bentoml build` of the track A bento from bentofile.yaml (no docker needed)."""
+"""`make build`: `bentoml build` of the track A and track B bentos (bentofile.yaml, bentofile.track_b.yaml; no docker
+needed), each with its GPU config."""
 
 import os
 import subprocess
@@ -11,8 +12,10 @@ from hcxserve.config import PROJECT_ROOT
 pytestmark = pytest.mark.e2e
 
 
-def test_build_track_a_bento(tmp_path):
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "1"}
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    home = tmp_path_factory.mktemp("bentoml")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "1"}
     result = subprocess.run(
         ["make", "--no-print-directory", "build"],
         cwd=PROJECT_ROOT,
@@ -22,8 +25,16 @@ def test_build_track_a_bento(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (bento_dir,) = [p for p in (tmp_path / "bentoml" / "bentos" / "hcx-track-a").iterdir() if p.is_dir()]
-    bento = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    return home / "bentos"
+
+
+def bento_of(built, name):
+    (bento_dir,) = [p for p in (built / name).iterdir() if p.is_dir()]
+    return bento_dir, yaml.safe_load((bento_dir / "bento.yaml").read_text())
+
+
+def test_build_track_a_bento(built):
+    bento_dir, bento = bento_of(built, "hcx-track-a")
     services = {s["name"]: s for s in bento["services"]}
     assert bento["entry_service"] == "TrackAGateway"
     assert set(services) == {"TrackAGateway", "LLM", "VisionEncoder"}
@@ -47,3 +58,25 @@ def test_build_track_a_bento(tmp_path):
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
     assert "vllm==0.32.0" in requirements
     assert (bento_dir / "env" / "docker" / "Dockerfile").is_file()
+
+
+def test_build_track_b_bento(built):
+    bento_dir, bento = bento_of(built, "hcx-track-b")
+    services = {s["name"]: s for s in bento["services"]}
+    assert bento["entry_service"] == "TrackBGateway"
+    assert set(services) == {"TrackBGateway", "LLM", "VisionEncoder", "AudioEncoder"}
+    # one GPU per component, as OmniServe's Omni layout
+    assert [services[name]["config"]["resources"]["gpu"] for name in ("LLM", "VisionEncoder", "AudioEncoder")] == [
+        1,
+        1,
+        1,
+    ]
+    assert {d["service"] for d in services["TrackBGateway"]["dependencies"]} == {
+        "LLM",
+        "VisionEncoder",
+        "AudioEncoder",
+    }
+    assert {"/v1/chat/completions", "/b/v1/chat/completions"} <= set(bento["schema"]["paths"])
+    assert (bento_dir / "src" / "configs" / "track_b.yaml").is_file()
+    assert (bento_dir / "src" / "hcxserve" / "vllm_omni.py").is_file()
+    assert any(e["name"] == "HCX_CONFIG" and e["value"] == "configs/track_b.yaml" for e in bento["envs"])
