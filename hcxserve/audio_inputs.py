@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hcxserve.config import MediaConfig
-from hcxserve.media import MediaFetcher
+from hcxserve.media import MediaFetcher, PartRef
 from hcxserve.protocol.errors import InvalidRequestError, MediaError, PayloadTooLargeError, UpstreamError
 from hcxserve.protocol.openai import AudioURLPart, ChatCompletionRequest, InputAudioPart
 from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, AudioInput
@@ -31,18 +31,8 @@ _REFUSED_PREFIXES = (b"s3://", b"file://")
 
 
 @dataclass(frozen=True)
-class AudioRef:
-    message: int
-    part: int
+class AudioRef(PartRef):
     content: InputAudioPart | AudioURLPart
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.message, self.part
-
-    @property
-    def param(self) -> str:
-        return f"messages[{self.message}].content[{self.part}]"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,22 @@ _REDIRECT_CODES = {301, 302, 303, 307, 308}
 
 
 @dataclass(frozen=True)
+class PartRef:
+    """Where a media content part sits in a request: its key in the pipeline and its `param` in errors."""
+
+    message: int
+    part: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.message, self.part
+
+    @property
+    def param(self) -> str:
+        return f"messages[{self.message}].content[{self.part}]"
+
+
+@dataclass(frozen=True)
 class FetchedMedia:
     data: bytes
     source: str  # "url" | "data_url" | "base64"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hcxserve.config import MediaConfig
-from hcxserve.media import MediaFetcher, probe_image
+from hcxserve.media import MediaFetcher, PartRef, probe_image
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.errors import (
     APIError,
@@ -33,19 +33,9 @@ Kind = Literal["image", "video"]
 
 
 @dataclass(frozen=True)
-class VisualRef:
-    message: int
-    part: int
+class VisualRef(PartRef):
     kind: Kind
     content: Any  # the content part
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.message, self.part
-
-    @property
-    def param(self) -> str:
-        return f"messages[{self.message}].content[{self.part}]"
 
 
 @dataclass(frozen=True)
