@@ -1,8 +1,9 @@
-"""Decoding client audio (WAV, FLAC, OGG, MP3) to 16 kHz mono float32, under a duration limit.
+"""Decoding client audio to 16 kHz mono float32, under a duration limit.
 
-soundfile's bundled libsndfile reads all four formats with no system libraries; FFmpeg-backed decoders
-(torchaudio.load, torchcodec) are not used because the FFmpeg shared libraries are not a dependency of this
-server. Only the resampler needs torch, and it is imported when a file is not at the target rate already.
+WAV, FLAC, OGG and MP3 go through soundfile's bundled libsndfile. Everything else a client plausibly sends (MP4/M4A
+with AAC, ADTS AAC, WebM/Matroska with Opus or Vorbis, AMR), and the sound track of a video file, goes through
+PyAV, whose wheel bundles FFmpeg: no system libraries either way. Only the resampler needs torch, and it is imported
+when a file is not at the target rate already.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Containers a client may plausibly send that libsndfile cannot read, named so the error can say what was sent.
-_UNSUPPORTED = {"mp4": "MP4/M4A (AAC)", "aac": "AAC", "webm": "WebM/Matroska", "amr": "AMR"}
-_SUPPORTED_NAMES = "WAV, FLAC, OGG (Vorbis/Opus) or MP3"
+# What libsndfile reads; the rest goes to FFmpeg (PyAV).
+_SOUNDFILE_FORMATS = ("wav", "flac", "ogg", "mp3", "aiff")
+_SUPPORTED_NAMES = "WAV, FLAC, OGG, MP3, M4A/AAC, WebM/Opus, or a video file with a sound track"
 # Beyond this the file is not audio a person recorded, and a resampler would be asked for absurd ratios.
 _MAX_SOURCE_RATE = 768_000
 
@@ -36,6 +37,7 @@ class DecodedAudio:
     samples: np.ndarray  # (n,) float32 mono in [-1, 1]
     sample_rate: int
     duration_s: float
+    from_video: bool = False  # the sound track of a video file
 
 
 def sniff_audio_format(data: bytes) -> str | None:
@@ -70,30 +72,13 @@ def decode_audio(data: bytes, *, target_rate: int = 16000, max_seconds: float) -
     The duration in the header is checked before the samples are decoded, so an over-long file costs no decoding;
     the read is capped at the limit as well, for streams whose header does not know their length.
     """
-    import soundfile
-
     if not data:
         raise AudioDecodeError("audio is empty")
     kind = sniff_audio_format(data)
-    if kind in _UNSUPPORTED:
-        raise AudioDecodeError(f"{_UNSUPPORTED[kind]} audio is not supported; send {_SUPPORTED_NAMES}")
-    try:
-        handle = soundfile.SoundFile(io.BytesIO(data))
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
-        if kind:
-            raise AudioDecodeError(f"cannot decode the {kind.upper()} audio: it is corrupt or truncated") from exc
-        raise AudioDecodeError(f"cannot decode the audio: unrecognised format; send {_SUPPORTED_NAMES}") from exc
-    with handle:
-        rate = int(handle.samplerate)
-        if not 0 < rate <= _MAX_SOURCE_RATE:
-            raise AudioDecodeError(f"audio has an unusable sample rate of {rate} Hz")
-        if 0 < handle.frames < np.iinfo(np.int64).max and handle.frames / rate > max_seconds:
-            raise AudioTooLongError(handle.frames / rate, max_seconds)
-        limit = math.floor(max_seconds * rate) + 1
-        try:
-            frames = handle.read(frames=limit, dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError) as exc:
-            raise AudioDecodeError(f"the audio is corrupt or truncated ({exc})") from exc
+    if kind in _SOUNDFILE_FORMATS:
+        (frames, rate), from_video = _read_soundfile(data, kind, max_seconds), False
+    else:
+        frames, rate, from_video = _read_ffmpeg(data, kind, max_seconds)
     if frames.shape[0] == 0:
         raise AudioDecodeError("audio contains no samples")
     if frames.shape[0] / rate > max_seconds:
@@ -102,7 +87,73 @@ def decode_audio(data: bytes, *, target_rate: int = 16000, max_seconds: float) -
     if not np.isfinite(mono).all():
         raise AudioDecodeError("audio contains non-finite samples")
     samples = resample(np.ascontiguousarray(mono, dtype=np.float32), rate, target_rate)
-    return DecodedAudio(samples=samples, sample_rate=target_rate, duration_s=samples.shape[0] / target_rate)
+    return DecodedAudio(samples, target_rate, samples.shape[0] / target_rate, from_video)
+
+
+def _check_rate(rate: int) -> None:
+    if not 0 < rate <= _MAX_SOURCE_RATE:
+        raise AudioDecodeError(f"audio has an unusable sample rate of {rate} Hz")
+
+
+def _read_soundfile(data: bytes, kind: str, max_seconds: float) -> tuple[np.ndarray, int]:
+    """(frames (n, channels) float32, sample rate)."""
+    import soundfile
+
+    try:
+        handle = soundfile.SoundFile(io.BytesIO(data))
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise AudioDecodeError(f"cannot decode the {kind.upper()} audio: it is corrupt or truncated") from exc
+    with handle:
+        rate = int(handle.samplerate)
+        _check_rate(rate)
+        if 0 < handle.frames < np.iinfo(np.int64).max and handle.frames / rate > max_seconds:
+            raise AudioTooLongError(handle.frames / rate, max_seconds)
+        try:
+            return handle.read(frames=math.floor(max_seconds * rate) + 1, dtype="float32", always_2d=True), rate
+        except (soundfile.LibsndfileError, RuntimeError) as exc:
+            raise AudioDecodeError(f"the audio is corrupt or truncated ({exc})") from exc
+
+
+def _read_ffmpeg(data: bytes, kind: str | None, max_seconds: float) -> tuple[np.ndarray, int, bool]:
+    """(frames (n, channels) float32, sample rate, whether the container has a video stream), via PyAV."""
+    import av
+
+    what = f"the {kind.upper()} audio" if kind else "the audio"
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        if kind:
+            raise AudioDecodeError(f"cannot decode {what}: it is corrupt or truncated") from exc
+        raise AudioDecodeError(f"cannot decode the audio: unrecognised format; send {_SUPPORTED_NAMES}") from exc
+    with container:
+        if not container.streams.audio:
+            raise AudioDecodeError(f"{what} has no sound track")
+        stream = container.streams.audio[0]
+        rate = int(stream.sample_rate or stream.codec_context.sample_rate or 0)
+        _check_rate(rate)
+        if container.duration and container.duration / av.time_base > max_seconds:
+            raise AudioTooLongError(container.duration / av.time_base, max_seconds)
+        # planar float at the source rate and layout; downmixing and resampling happen as for soundfile's formats
+        to_float = av.AudioResampler(format="fltp", rate=rate)
+        limit = math.floor(max_seconds * rate) + 1
+        chunks, total = [], 0
+        try:
+            for frame in container.decode(stream):
+                for out in to_float.resample(frame):
+                    chunks.append(out.to_ndarray().T)
+                    total += chunks[-1].shape[0]
+                if total > limit:
+                    break
+            else:
+                chunks += [out.to_ndarray().T for out in to_float.resample(None)]
+        except (av.FFmpegError, ValueError) as exc:
+            raise AudioDecodeError(f"{what} is corrupt or truncated") from exc
+        from_video = bool(container.streams.video)
+    if not chunks:
+        return np.zeros((0, 1), np.float32), rate, from_video
+    if len({chunk.shape[1] for chunk in chunks}) > 1:
+        raise AudioDecodeError(f"{what} changes its channel count midway")
+    return np.concatenate(chunks).astype(np.float32, copy=False), rate, from_video
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:

@@ -98,7 +98,8 @@ class MediaConfig(_Section):
     max_audio_bytes: PositiveInt = 25 * 1024 * 1024
     max_audio_seconds: PositiveFloat = Field(600.0, description="Longest audio clip accepted (after decoding).")
     audio_formats: list[str] = Field(
-        default_factory=lambda: ["wav", "mp3", "flac", "ogg"], description="`input_audio.format` values accepted."
+        default_factory=lambda: ["wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm", "mp4"],
+        description="`input_audio.format` values accepted (mp4/webm: the sound track of a video file).",
     )
     fetch_timeout_s: PositiveFloat = 15.0
     max_redirects: int = Field(3, ge=0)

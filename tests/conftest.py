@@ -64,6 +64,32 @@ def make_audio(
     return buffer.getvalue()
 
 
+def make_av_media(
+    container: str = "mp4", codec: str = "aac", seconds: float = 2.0, rate: int = 44100, video: bool = False
+) -> bytes:
+    """Audio in containers libsndfile cannot read (M4A/AAC, WebM/Opus, ADTS), optionally with a video stream
+    (a video file with a sound track), written with PyAV."""
+    import av
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=container) as out:
+        sound = out.add_stream(codec, rate=rate, layout="stereo")
+        if video:
+            picture = out.add_stream("mpeg4", rate=10, width=64, height=48, pix_fmt="yuv420p")
+            for i in range(int(seconds * 10)):
+                frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 10 % 256, np.uint8), format="rgb24")
+                out.mux(picture.encode(frame))
+            out.mux(picture.encode(None))
+        t = np.arange(int(seconds * rate)) / rate
+        tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+        frame.sample_rate = rate
+        out.mux(sound.encode(frame))
+        out.mux(sound.encode(None))
+    return buffer.getvalue()
+
+
 VIDEO_CODECS = {"mp4": "mp4v", "webm": "VP80"}
 
 

@@ -221,7 +221,7 @@ BAD_REQUESTS = [
     ([audio(wav_header_only())], 400, "messages[0].content[0]"),
     ([audio_ref("")], 400, "messages[0].content[0].input_audio.data"),
     ([audio(b"\x00\x00\x00\x18ftypM4A \x00\x00\x00\x00", fmt=None)], 400, "messages[0].content[0]"),
-    ([audio(make_audio(1.0), fmt="aac")], 400, "messages[0].content[0].input_audio.format"),
+    ([audio(make_audio(1.0), fmt="midi")], 400, "messages[0].content[0].input_audio.format"),
     ([audio(make_audio(seconds=25.0, rate=8000))], 413, "messages[0].content[0]"),
     ([audio_ref(base64.b64encode(b"s3://bucket/key.pt").decode())], 400, "messages[0].content[0]"),
     ([audio_ref("file:///etc/passwd")], 400, "messages[0].content[0]"),

@@ -9,6 +9,7 @@ import pytest
 import soundfile
 
 from hcxserve.audio import AudioDecodeError, AudioTooLongError, decode_audio, sniff_audio_format
+from tests.conftest import make_av_media, make_video
 
 
 def _tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
@@ -98,9 +99,37 @@ def test_garbage_bytes() -> None:
         decode_audio(b"this is not audio at all" * 50, max_seconds=10)
 
 
-def test_unsupported_container_is_named() -> None:
-    with pytest.raises(AudioDecodeError, match="MP4/M4A"):
+def test_corrupt_container_is_named() -> None:
+    with pytest.raises(AudioDecodeError, match="MP4 audio: it is corrupt"):
         decode_audio(b"\x00\x00\x00\x20ftypM4A " + bytes(200), max_seconds=10)
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "rate"), [("mp4", "aac", 44100), ("webm", "libopus", 48000), ("adts", "aac", 22050)]
+)
+def test_ffmpeg_formats_decode_like_soundfile_ones(container, codec, rate) -> None:
+    decoded = decode_audio(make_av_media(container, codec, seconds=2.0, rate=rate), max_seconds=10)
+    assert decoded.sample_rate == 16000 and not decoded.from_video
+    assert abs(decoded.duration_s - 2.0) < 0.1  # encoder priming/padding adds a few ms
+    # stereo is averaged, not summed: a 0.3 tone stays about 0.3 loud, as through soundfile
+    assert 0.25 < float(np.abs(decoded.samples[4000:-4000]).max()) < 0.35
+    spectrum = np.abs(np.fft.rfft(decoded.samples[:16000]))
+    assert abs(int(np.argmax(spectrum)) - 440) <= 2  # 1-s window: bins are 1 Hz
+
+
+def test_sound_track_of_a_video() -> None:
+    decoded = decode_audio(make_av_media("mp4", "aac", seconds=2.0, video=True), max_seconds=10)
+    assert decoded.from_video and abs(decoded.duration_s - 2.0) < 0.1
+
+
+def test_video_without_sound_track() -> None:
+    with pytest.raises(AudioDecodeError, match="no sound track"):
+        decode_audio(make_video(seconds=1), max_seconds=10)
+
+
+def test_long_container_is_refused_before_decoding() -> None:
+    with pytest.raises(AudioTooLongError):
+        decode_audio(make_av_media("mp4", "aac", seconds=6.0, rate=8000), max_seconds=5)
 
 
 def test_truncated_wav_header() -> None:

@@ -146,7 +146,7 @@ def test_url_inside_base64():
         (input_audio("s3://bucket/embedding.pt"), MediaError, "messages[0].content[0]"),
         (input_audio("file:///etc/passwd"), MediaError, "messages[0].content[0]"),
         (input_audio("%%% not audio %%%"), MediaError, "messages[0].content[0]"),
-        (input_audio("AAAA", fmt="m4a"), InvalidRequestError, "messages[0].content[0].input_audio.format"),
+        (input_audio("AAAA", fmt="midi"), InvalidRequestError, "messages[0].content[0].input_audio.format"),
     ],
 )
 def test_refused_audio_references(part, error, param):
