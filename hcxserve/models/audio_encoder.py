@@ -8,9 +8,10 @@ Loads a converted `ae/` component folder (see `convert_model.py --track b`):
 - `preprocessor_config.json`: the WhisperFeatureExtractor (128 mel, 16 kHz, 30-s chunks).
 
 Continuous branch, as OmniServe computes it: the clip is cut into 30-s chunks, each padded to 3000 mel frames; all
-chunks of all clips go through the encoder in one batch with attention masks, each chunk keeps its valid rows
-(25 per second), the chunks are concatenated and projected to the LLM's hidden size. Discrete branch: S3 units,
-25 per second, raw codes in [0, 6561).
+chunks of all clips go through the encoder in one batch with attention masks (computed only as far as the batch's
+audio reaches, which gives the same rows), each chunk keeps its valid rows (25 per second), the chunks are
+concatenated and projected to the LLM's hidden size. Discrete branch: S3 units, 25 per second, raw codes in
+[0, 6561).
 """
 
 from __future__ import annotations
@@ -193,11 +194,11 @@ class AudioEncoderModel:
         return [AudioEncoding(c, d, clip.shape[0] / rate) for c, d, clip in zip(continuous, discrete, clips)]
 
     def _continuous(self, clips: list[np.ndarray]) -> list[torch.Tensor]:
-        from transformers.masking_utils import create_bidirectional_mask
-
         step = self.config.chunk_samples
         chunks = [clip[i : i + step] for clip in clips for i in range(0, clip.shape[0], step)]
         chunk_counts = [-(-clip.shape[0] // step) for clip in clips]
+        # Mel of the 30-s-padded chunk, as OmniServe computes it: padded frames keep their values (the trimmed
+        # encoder below reads up to two of them past the audio)
         features = self.feature_extractor(
             chunks,
             sampling_rate=self.config.sample_rate,
@@ -206,19 +207,9 @@ class AudioEncoderModel:
             return_tensors="pt",
             device=self.device.type,
         )
-        mel = features["input_features"].to(self.device, self.dtype)
-        rows = output_lengths(features["attention_mask"].sum(-1)).tolist()
-        # Keys beyond a chunk's audio are masked (as OmniServe and Qwen2-Audio do), so padding never feeds the rows
-        conv_lengths = (features["attention_mask"].sum(-1) - 1) // 2 + 1  # positions after conv2
-        valid = torch.arange(self.config.max_source_positions)[None, :] < conv_lengths[:, None]
-        mask = create_bidirectional_mask(
-            config=self.encoder.config,
-            inputs_embeds=torch.zeros(
-                len(chunks), self.config.max_source_positions, 1, dtype=self.dtype, device=self.device
-            ),
-            attention_mask=valid.to(self.device),
-        )
-        hidden = self.encoder(mel, attention_mask=mask).last_hidden_state
+        mel_frames = features["attention_mask"].sum(-1)
+        rows = output_lengths(mel_frames).tolist()
+        hidden = self._encode_mel(features["input_features"], (mel_frames - 1) // 2 + 1)
         kept = torch.cat([hidden[i, :n] for i, n in enumerate(rows)])
         projected = self.projector(kept)
         per_chunk = list(projected.split(rows))
@@ -227,6 +218,32 @@ class AudioEncoderModel:
             out.append(torch.cat(per_chunk[start : start + count]))
             start += count
         return out
+
+    def _encode_mel(self, mel: torch.Tensor, conv_lengths: torch.Tensor) -> torch.Tensor:
+        """`Qwen2AudioEncoder.forward` on padded 3000-frame mel, computed only as far as the batch's audio reaches.
+
+        `conv_lengths` are each chunk's valid positions after conv2. Keys beyond them are masked (as OmniServe and
+        Qwen2-Audio do), so later positions feed no kept row and are not computed: the batch is trimmed to its
+        longest chunk plus the convolutions' reach (position j reads mel frames up to 2j + 2). HF's forward
+        insists on all 3000 frames, so its submodules are run here in its order; dropout and LayerDrop are left
+        out because the encoder only runs in eval.
+        """
+        from transformers.masking_utils import create_bidirectional_mask
+
+        encoder = self.encoder
+        positions = min(int(conv_lengths.max()) + 1, self.config.max_source_positions)
+        mel = mel[..., : 2 * positions].to(self.device, self.dtype)
+        hidden = nn.functional.gelu(encoder.conv1(mel))
+        hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + encoder.embed_positions.weight[:positions]
+        valid = torch.arange(positions)[None, :] < conv_lengths[:, None]
+        mask = create_bidirectional_mask(
+            config=encoder.config, inputs_embeds=hidden, attention_mask=valid.to(self.device)
+        )
+        for layer in encoder.layers:
+            hidden = layer(hidden, mask)
+        hidden = encoder.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
+        return encoder.layer_norm(hidden)
 
 
 def _check_feature_extractor(extractor, config: AudioEncoderConfig, ae_dir: Path) -> None:

@@ -146,6 +146,55 @@ def test_padding_is_masked_and_attention_backends_agree(model: AudioEncoderModel
     assert not torch.allclose(model.projector(unmasked), sdpa.continuous, atol=1e-3)
 
 
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def attention_model(request: pytest.FixtureRequest, model: AudioEncoderModel, ae_dir: Path) -> AudioEncoderModel:
+    return model if request.param == "sdpa" else AudioEncoderModel.from_pretrained(ae_dir, attn_implementation="eager")
+
+
+def padded_reference(model: AudioEncoderModel, clips: list[np.ndarray]) -> list[torch.Tensor]:
+    """OmniServe's computation: HF's forward on every chunk padded to 3000 mel frames, padded keys masked."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    step, positions = model.config.chunk_samples, model.config.max_source_positions
+    chunks = [clip[i : i + step] for clip in clips for i in range(0, clip.shape[0], step)]
+    features = model.feature_extractor(
+        chunks, sampling_rate=RATE, padding="max_length", return_attention_mask=True, return_tensors="pt"
+    )
+    frames = features["attention_mask"].sum(-1)
+    valid = torch.arange(positions)[None, :] < ((frames - 1) // 2 + 1)[:, None]
+    mask = create_bidirectional_mask(
+        config=model.encoder.config, inputs_embeds=torch.zeros(len(chunks), positions, 1), attention_mask=valid
+    )
+    with torch.inference_mode():
+        hidden = model.encoder(features["input_features"], attention_mask=mask).last_hidden_state
+        rows = output_lengths(frames).tolist()
+        per_chunk = model.projector(torch.cat([hidden[i, :n] for i, n in enumerate(rows)])).split(rows)
+    counts = [-(-clip.shape[0] // step) for clip in clips]
+    bounds = np.cumsum([0, *counts])
+    return [torch.cat(per_chunk[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def test_trimmed_encoder_equals_the_padded_forward(attention_model: AudioEncoderModel) -> None:
+    # 0.51 s has an odd number of mel frames (51): its last position reads two padded frames; 40 s is 30 s + 10 s
+    clips = [noise(0.5, seed=9), tone(3.0), noise(29.9, seed=10), noise(40.0, seed=11), tone(0.51, freq=880)]
+    frames_seen = []
+    hook = attention_model.encoder.conv1.register_forward_hook(lambda _m, args, _o: frames_seen.append(args[0].shape))
+    try:
+        with torch.inference_mode():
+            together = attention_model._continuous(clips)
+            alone = [attention_model._continuous([clip])[0] for clip in clips]
+    finally:
+        hook.remove()
+    for clip, batched, single, expected in zip(clips, together, alone, padded_reference(attention_model, clips)):
+        assert batched.shape == (attention_model.config.rows_for_samples(clip.shape[0]), LLM_HIDDEN)
+        torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(single, expected, atol=1e-5, rtol=1e-5)
+    # The batch holds a full 30-s chunk, so it runs on all 3000 frames; alone, each clip stops two frames past its
+    # audio's last conv2 position (3 s: 300 frames, 150 positions -> 302 frames)
+    assert [shape[-1] for shape in frames_seen] == [3000, 52, 302, 2992, 3000, 54]
+    assert frames_seen[0][0] == 6
+
+
 def test_mel_matches_the_whisper_feature_extractor(model: AudioEncoderModel) -> None:
     from transformers.audio_utils import mel_filter_bank
 
