@@ -1,5 +1,6 @@
-"""Audio encoder component (track B): decodes and resamples clips here, next to the accelerator, then runs the
-Qwen2-Audio encoder + projector and the CosyVoice tokenizer. Clips are batched across concurrent requests."""
+"""Audio encoder component (track B): decodes and resamples clips here, next to the accelerator (a video file's
+sound track too), then runs the Qwen2-Audio encoder + projector (+ the MambaMia compressor for video sound tracks)
+and the CosyVoice tokenizer. Clips are batched across concurrent requests."""
 
 from __future__ import annotations
 
@@ -39,15 +40,16 @@ def audio_encoder_service(config: TrackConfig) -> type:
             from hcxserve.audio import AudioDecodeError, AudioTooLongError, decode_audio
 
             results: list[AudioEncoding | None] = [None] * len(clips)
-            waveforms, positions = [], []
+            decoded, positions = [], []
             for i, clip in enumerate(clips):
                 try:
-                    waveforms.append(decode_audio(clip.data, max_seconds=clip.max_seconds).samples)
+                    decoded.append(decode_audio(clip.data, max_seconds=clip.max_seconds))
                     positions.append(i)
                 except AudioDecodeError as exc:  # one bad clip must not fail the others in the batch
                     status = 413 if isinstance(exc, AudioTooLongError) else 400
                     results[i] = AudioEncoding(error=str(exc), status=status)
-            for i, encoded in zip(positions, self.model.encode(waveforms)):
+            encoded_clips = self.model.encode([d.samples for d in decoded], from_video=[d.from_video for d in decoded])
+            for i, encoded in zip(positions, encoded_clips):
                 rows, dim = encoded.continuous.shape
                 results[i] = AudioEncoding(
                     embedding=AudioEmbedding(

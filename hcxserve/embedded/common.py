@@ -22,7 +22,7 @@ logger = logging.getLogger("hcxserve.embedded")
 # Bump when anything the builder writes changes (weights, configs, tokenizer), so old builds are rebuilt.
 BUILDER_VERSION = "track_a-2"
 # Track B's own version: its inputs (the tiny TA-Tok and audio components) change independently of track A.
-TRACK_B_BUILDER_VERSION = "track_b-1"
+TRACK_B_BUILDER_VERSION = "track_b-2"  # 2: the MambaMia video-audio compressor
 
 # Written last into a finished build; its presence (with matching fields) is what "complete" means.
 MARKER_NAME = ".hcx-embedded.json"

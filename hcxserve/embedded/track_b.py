@@ -178,10 +178,12 @@ def build_identity(chat_template: str) -> BuildIdentity:
 
 def tiny_components(llm_hidden_size: int) -> tuple[dict, dict[str, Any], dict[str, torch.Tensor]]:
     """(discrete_vision_config, audio config entries, tensors) from the component modules, prefixes checked."""
-    from hcxserve.models import audio_encoder, ta_tok
+    from hcxserve.models import audio_encoder, mambamia, ta_tok
 
     discrete_vision_config, vision_tensors = ta_tok.tiny_components(SEED)
     audio_entries, audio_tensors = audio_encoder.tiny_components(SEED, llm_hidden_size)
+    compressor_entries, compressor_tensors = mambamia.tiny_components(SEED, llm_hidden_size)
+    audio_entries, audio_tensors = {**audio_entries, **compressor_entries}, {**audio_tensors, **compressor_tensors}
     for key in ("audio_config", "discrete_audio_config", "audio_projector_type"):
         if key not in audio_entries:
             raise ValueError(f"audio_encoder.tiny_components gave no {key!r} (keys: {sorted(audio_entries)})")
@@ -189,7 +191,7 @@ def tiny_components(llm_hidden_size: int) -> tuple[dict, dict[str, Any], dict[st
     bad += [n for n in audio_tensors if not n.startswith(AUDIO_PREFIXES)]
     if bad:
         raise ValueError(f"component tensors outside their prefixes: {bad[:5]}")
-    for prefix in (DISCRETE_VISION_PREFIX, *AUDIO_PREFIXES[:3]):
+    for prefix in (DISCRETE_VISION_PREFIX, *AUDIO_PREFIXES):
         if not any(n.startswith(prefix) for n in (*vision_tensors, *audio_tensors)):
             raise ValueError(f"the tiny components hold no {prefix}* tensors")
     return dict(discrete_vision_config), dict(audio_entries), {**vision_tensors, **audio_tensors}

@@ -4,7 +4,8 @@ Loads a converted `ae/` component folder (see `convert_model.py --track b`):
 - `config.json`: `audio_config` (transformers Qwen2AudioEncoderConfig fields), `discrete_audio_config`,
   `text_hidden_size`, `audio_projector_type`;
 - weights `audio_model.*` (Qwen2AudioEncoder), `audio_projector.*` (MLP d_model -> d_model -> text hidden, GELU),
-  `discrete_audio_model.*` (CosyVoice2 S3 tokenizer), optionally `video_audio_compressor.*` (MambaMia, unused);
+  `discrete_audio_model.*` (CosyVoice2 S3 tokenizer), optionally `video_audio_compressor.*` (MambaMia: the
+  continuous rows of a video's sound track are compressed to one per second, as OmniServe did);
 - `preprocessor_config.json`: the WhisperFeatureExtractor (128 mel, 16 kHz, 30-s chunks).
 
 Continuous branch, as OmniServe computes it: the clip is cut into 30-s chunks, each padded to 3000 mel frames; all
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hcxserve.models.mambamia import MambaMiaCompressor
 from hcxserve.models.s3_tokenizer import FSQ_DIMS, S3Tokenizer, S3TokenizerConfig, load_strict, log_mel_spectrogram
 
 logger = logging.getLogger(__name__)
@@ -104,9 +106,11 @@ class AudioEncoderModel:
         config: AudioEncoderConfig,
         device: torch.device,
         dtype: torch.dtype,
+        compressor: MambaMiaCompressor | None = None,
     ) -> None:
         self.encoder = encoder
         self.projector = projector
+        self.compressor = compressor
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.config = config
@@ -120,7 +124,7 @@ class AudioEncoderModel:
         from transformers import Qwen2AudioEncoderConfig, WhisperFeatureExtractor
         from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
-        from hcxserve.convert import load_state_dict, read_component_config, weight_map
+        from hcxserve.convert import load_state_dict, read_component_config
         from hcxserve.convert.errors import ComponentError
 
         ae_dir = Path(ae_dir)
@@ -160,12 +164,7 @@ class AudioEncoderModel:
         tokenizer = S3Tokenizer.from_pretrained(ae_dir, device=device, dtype=dtype)
         if tokenizer.config.sample_rate != config.sample_rate:
             raise ComponentError(f"{ae_dir}: the S3 tokenizer and the encoder disagree on the sample rate")
-        if any(name.startswith("video_audio_compressor.") for name in weight_map(ae_dir)):
-            logger.warning(
-                "%s: video_audio_compressor (MambaMia) weights are present but not supported; they are ignored "
-                "(they only compress the sound track of videos, which this server does not encode)",
-                ae_dir,
-            )
+        compressor = MambaMiaCompressor.from_pretrained(ae_dir, device=device, dtype=dtype)
         encoder = encoder.to(device=resolved, dtype=torch_dtype).eval()
         projector = projector.to(device=resolved, dtype=torch_dtype).eval()
         logger.info(
@@ -177,11 +176,13 @@ class AudioEncoderModel:
             sum(p.numel() for p in projector.parameters()),
             sum(p.numel() for p in tokenizer.parameters()),
         )
-        return cls(encoder, projector, tokenizer, feature_extractor, config, resolved, torch_dtype)
+        return cls(encoder, projector, tokenizer, feature_extractor, config, resolved, torch_dtype, compressor)
 
     @torch.inference_mode()
-    def encode(self, waveforms16k: list[np.ndarray]) -> list[AudioEncoding]:
-        """Encode 16 kHz mono float32 clips; a batch gives the same result as one clip at a time."""
+    def encode(self, waveforms16k: list[np.ndarray], from_video: list[bool] | None = None) -> list[AudioEncoding]:
+        """Encode 16 kHz mono float32 clips; a batch gives the same result as one clip at a time. The continuous
+        rows of a clip that is a video's sound track (`from_video`) go through the MambaMia compressor when the
+        checkpoint has one (one row per second instead of 25)."""
         if not waveforms16k:
             return []
         clips = [np.ascontiguousarray(w, dtype=np.float32) for w in waveforms16k]
@@ -189,6 +190,8 @@ class AudioEncoderModel:
             if clip.ndim != 1 or clip.shape[0] == 0:
                 raise ValueError(f"expected non-empty 1-D mono waveforms, got shape {clip.shape}")
         continuous = self._continuous(clips)
+        if self.compressor is not None and from_video is not None:
+            continuous = [self.compressor(c) if video else c for c, video in zip(continuous, from_video)]
         discrete = self.tokenizer.tokenize(clips)
         rate = self.config.sample_rate
         return [AudioEncoding(c, d, clip.shape[0] / rate) for c, d, clip in zip(continuous, discrete, clips)]

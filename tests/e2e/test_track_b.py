@@ -11,7 +11,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.conftest import data_url, make_audio, make_png, make_video
+from tests.conftest import data_url, make_audio, make_av_media, make_png, make_video
 
 pytestmark = pytest.mark.e2e
 
@@ -100,6 +100,17 @@ def test_mp3_differs_from_wav(client, media_server):
     )
     assert answer(mp3)
     assert mp3.usage.prompt_tokens > 100 and wav.usage.prompt_tokens > 100
+
+
+def test_m4a_audio_and_a_video_files_sound_track(client):
+    """An M4A clip and a video with the same sound track: both decode (FFmpeg via PyAV); the video's continuous
+    rows go through the MambaMia compressor, 25 rows per second -> 1, while its 50 codes stay."""
+    m4a = ask(client, [audio(make_av_media("mp4", "aac", seconds=2.0), "m4a"), text("Hi")], extra_body=NO_REASONING)
+    video = make_av_media("mp4", "aac", seconds=2.0, video=True)
+    from_video = ask(client, [audio(video, "mp4"), text("Hi")], extra_body=NO_REASONING)
+    assert answer(m4a) and answer(from_video)
+    rows = m4a.usage.prompt_tokens - from_video.usage.prompt_tokens
+    assert 45 <= rows <= 50, (m4a.usage.prompt_tokens, from_video.usage.prompt_tokens)
 
 
 def test_image_and_video(client, media_server):

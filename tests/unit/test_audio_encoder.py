@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from hcxserve.convert.errors import ComponentError
+from hcxserve.convert.tables import WHISPER_PREPROCESSOR
 from hcxserve.models.audio_encoder import AudioEncoderModel, output_lengths, tiny_components
 from hcxserve.models.s3_tokenizer import (
     S3Tokenizer,
@@ -23,20 +23,7 @@ from hcxserve.models.s3_tokenizer import (
 
 RATE = 16000
 LLM_HIDDEN = 48
-PREPROCESSOR = {
-    "feature_extractor_type": "WhisperFeatureExtractor",
-    "processor_class": "Qwen2AudioProcessor",
-    "feature_size": 128,
-    "sampling_rate": 16000,
-    "hop_length": 160,
-    "n_fft": 400,
-    "chunk_length": 30,
-    "n_samples": 480000,
-    "nb_max_frames": 3000,
-    "padding_side": "right",
-    "padding_value": 0.0,
-    "return_attention_mask": True,
-}
+PREPROCESSOR = WHISPER_PREPROCESSOR  # what the converter writes into ae/
 
 
 def write_ae(folder: Path, *, drop: str | None = None, extra: dict[str, torch.Tensor] | None = None) -> Path:
@@ -267,9 +254,24 @@ def test_missing_projector_is_a_clear_error(tmp_path: Path) -> None:
         AudioEncoderModel.from_pretrained(folder)
 
 
-def test_compressor_weights_are_reported_and_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    folder = write_ae(tmp_path / "ae", extra={"video_audio_compressor.input_proj.weight": torch.zeros(4, 4)})
-    with caplog.at_level(logging.WARNING, logger="hcxserve.models.audio_encoder"):
-        model = AudioEncoderModel.from_pretrained(folder)
-    assert "not supported" in caplog.text
-    assert model.encode([tone(1.0)])[0].continuous.shape == (25, LLM_HIDDEN)
+def test_video_sound_tracks_go_through_the_compressor(tmp_path: Path) -> None:
+    from hcxserve.models import mambamia
+
+    entries, tensors = mambamia.tiny_components(seed=0, llm_hidden_size=LLM_HIDDEN)
+    folder = write_ae(tmp_path / "ae", extra={name.removeprefix("model."): t for name, t in tensors.items()})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **entries}))
+    model = AudioEncoderModel.from_pretrained(folder)
+    assert model.compressor is not None
+    clip = noise(2.0)
+    plain, video = model.encode([clip, clip], from_video=[False, True])
+    assert plain.continuous.shape == (50, LLM_HIDDEN)
+    assert video.continuous.shape == (2, LLM_HIDDEN)  # one row per second of sound track
+    assert torch.allclose(video.continuous, model.compressor(plain.continuous), atol=1e-5)
+    assert torch.equal(plain.discrete, video.discrete)  # the codes are not compressed
+    assert model.encode([clip])[0].continuous.shape == (50, LLM_HIDDEN)  # no flags: audio files
+
+
+def test_no_compressor_without_its_weights(model: AudioEncoderModel) -> None:
+    assert model.compressor is None
+    assert model.encode([tone(1.0)], from_video=[True])[0].continuous.shape == (25, LLM_HIDDEN)
