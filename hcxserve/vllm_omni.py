@@ -308,6 +308,7 @@ class HCXOmniForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         text_arch = _TEXT_MODELS.get(config.model_type)
         if text_arch is None:
             raise ValueError(f"{ARCHITECTURE} wraps a hyperclovax or llama text model, not {config.model_type!r}")
+        self.embeds_dtype = vllm_config.model_config.dtype
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config, prefix=maybe_prefix(prefix, "language_model"), architectures=[text_arch]
@@ -315,12 +316,11 @@ class HCXOmniForCausalLM(nn.Module, SupportsMultiModal, SupportsPP):
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        dtype = self.language_model.model.embed_tokens.weight.dtype
         out: list[torch.Tensor] = []
         for m in MODALITIES.values():
             embeds = kwargs.get(m.embeds_key)
             if embeds is not None:
-                out.extend(e.to(dtype) for e in embeds)
+                out.extend(e.to(self.embeds_dtype) for e in embeds)
         return out
 
     def forward(
