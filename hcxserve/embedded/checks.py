@@ -23,7 +23,8 @@ PARITY_PROMPT = (
 )
 PARITY_TOLERANCE = 1e-4
 IMAGE_BLOCK = "<|image_start|><|IMAGE_PAD|><|image_end|>"
-REQUIRED_FILES = (
+# Files of every unified checkpoint; each track's REQUIRED_FILES adds its own processor files.
+CHECKPOINT_FILES = (
     "config.json",
     "generation_config.json",
     "model.safetensors.index.json",
@@ -31,8 +32,8 @@ REQUIRED_FILES = (
     "tokenizer_config.json",
     "chat_template.jinja",
     "preprocessor_config.json",
-    "processor_config.json",
 )
+REQUIRED_FILES = (*CHECKPOINT_FILES, "processor_config.json")
 
 
 class EmbeddedCheckError(RuntimeError):
@@ -130,18 +131,15 @@ def template_errors(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return errors
 
 
-def _weight_errors(directory: Path, config: Any) -> tuple[list[str], dict[str, Any]]:
-    """Index vs shard contents, dtypes, and names/shapes against the transformers modules they feed."""
-    import torch
+def read_shapes(directory: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[str, str]]:
+    """Index vs shard contents; returns (errors, {name: shape}, {name: dtype})."""
     from safetensors import safe_open
-    from transformers import HyperCLOVAXForCausalLM
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     errors: list[str] = []
     index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
     weight_map: dict[str, str] = index["weight_map"]
     shapes: dict[str, tuple[int, ...]] = {}
-    total = 0
+    dtypes: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
         with safe_open(str(directory / shard), framework="pt") as fh:
             for name in fh.keys():
@@ -149,23 +147,41 @@ def _weight_errors(directory: Path, config: Any) -> tuple[list[str], dict[str, A
                     errors.append(f"{name} is in {shard} but the index says {weight_map.get(name)}")
                 sl = fh.get_slice(name)
                 shapes[name] = tuple(sl.get_shape())
-                if sl.get_dtype() != "BF16":
-                    errors.append(f"{name} is {sl.get_dtype()}, expected BF16")
-                total += 2 * int(torch.Size(shapes[name]).numel())
+                dtypes[name] = sl.get_dtype()
     if set(shapes) != set(weight_map):
         errors.append(f"index lists {len(weight_map)} tensors, shards hold {len(shapes)}")
+    return errors, shapes, dtypes
+
+
+def core_shapes(text_config: Any, vision_config: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the LM, ViT and projector tensors, as the transformers modules they feed have them."""
+    import torch
+    from transformers import HyperCLOVAXForCausalLM
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    # Built on the meta device: no memory, no init.
+    with torch.device("meta"):
+        lm = HyperCLOVAXForCausalLM(text_config)
+        vit = Qwen2_5_VisionTransformerPretrainedModel(vision_config)
+    shapes = {f"model.language_model.{k}": tuple(v.shape) for k, v in lm.state_dict().items()}
+    shapes.update({f"model.vision_model.{k}": tuple(v.shape) for k, v in vit.state_dict().items()})
+    shapes["model.mm_projector.weight"] = (text_config.hidden_size, vision_config.out_hidden_size)
+    shapes["model.mm_projector.bias"] = (text_config.hidden_size,)
+    return shapes
+
+
+def _weight_errors(directory: Path, config: Any) -> tuple[list[str], dict[str, Any]]:
+    """Index vs shard contents, dtypes, and names/shapes against the transformers modules they feed."""
+    import torch
+
+    errors, shapes, dtypes = read_shapes(directory)
+    errors += [f"{n} is {dtypes[n]}, expected BF16" for n in sorted(dtypes) if dtypes[n] != "BF16"]
+    total = sum(2 * int(torch.Size(shape).numel()) for shape in shapes.values())
+    index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
     if index["metadata"]["total_size"] != total:
         errors.append(f"index total_size {index['metadata']['total_size']} != {total}")
 
-    # Expected names and shapes come from the modules themselves, built on the meta device (no memory, no init).
-    with torch.device("meta"):
-        lm = HyperCLOVAXForCausalLM(config.text_config)
-        vit = Qwen2_5_VisionTransformerPretrainedModel(config.vision_config)
-    expected = {f"model.language_model.{k}": tuple(v.shape) for k, v in lm.state_dict().items()}
-    expected.update({f"model.vision_model.{k}": tuple(v.shape) for k, v in vit.state_dict().items()})
-    text_hidden = config.text_config.hidden_size
-    expected["model.mm_projector.weight"] = (text_hidden, config.vision_config.out_hidden_size)
-    expected["model.mm_projector.bias"] = (text_hidden,)
+    expected = core_shapes(config.text_config, config.vision_config)
     for name in sorted(set(expected) | set(shapes)):
         if name not in shapes:
             errors.append(f"missing tensor {name}")
@@ -175,17 +191,70 @@ def _weight_errors(directory: Path, config: Any) -> tuple[list[str], dict[str, A
             errors.append(f"{name} has shape {shapes[name]}, expected {expected[name]}")
     if shapes.get("model.language_model.lm_head.weight") is None:
         errors.append("no explicit lm_head")
-    info = {"tensors": len(shapes), "shards": len(set(weight_map.values())), "weight_bytes": total}
+    info = {"tensors": len(shapes), "shards": len(set(index["weight_map"].values())), "weight_bytes": total}
+    return errors, info
+
+
+def read_fp32_tensors(directory: Path, prefixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """The saved tensors under each prefix, as fp32 and named without it: {prefix: {name: tensor}}."""
+    from safetensors import safe_open
+
+    index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    groups: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(directory / shard), framework="pt") as fh:
+            for name in fh.keys():
+                prefix = next((p for p in prefixes if name.startswith(p)), None)
+                if prefix is not None:
+                    groups[prefix][name.removeprefix(prefix)] = fh.get_tensor(name).float()
+    return groups
+
+
+def load_vision_fp32(directory: Path, vision_config: Any, text_hidden_size: int
+                     ) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The saved ViT and mm_projector as fp32 modules (sdpa attention on `vision_config`)."""
+    import torch
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    groups = read_fp32_tensors(directory, ("model.vision_model.", "model.mm_projector."))
+    vision_config._attn_implementation = "sdpa"
+    vision = Qwen2_5_VisionTransformerPretrainedModel(vision_config).float().eval()
+    vision.load_state_dict(groups["model.vision_model."], strict=True)
+    projector = torch.nn.Linear(vision_config.out_hidden_size, text_hidden_size).eval()
+    projector.load_state_dict(groups["model.mm_projector."], strict=True)
+    return vision, projector
+
+
+def probe_image() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (640, 480), (200, 80, 40))
+
+
+def vision_run_errors(directory: Path, image_processor: Any, vision_config: Any, text_hidden_size: int
+                      ) -> tuple[list[str], dict[str, Any]]:
+    """Run the saved ViT + projector on a processed image: proves the weights load and the token count adds up."""
+    import torch
+
+    errors: list[str] = []
+    features = image_processor(images=[probe_image()], return_tensors="pt")
+    grid = features["image_grid_thw"]
+    n_tokens = int(grid.prod(-1).sum()) // vision_config.spatial_merge_size**2
+    vision, projector = load_vision_fp32(directory, vision_config, text_hidden_size)
+    with torch.no_grad():
+        rows = projector(vision(features["pixel_values"].float(), grid_thw=grid).pooler_output)
+    if tuple(rows.shape) != (n_tokens, text_hidden_size):
+        errors.append(f"projected image rows {tuple(rows.shape)}, expected {(n_tokens, text_hidden_size)}")
+    if not bool(torch.isfinite(rows).all()):
+        errors.append("projected image rows are not finite")
+    info = {"image_grid_thw": grid.tolist(), "image_tokens": n_tokens,
+            "image_row_norm": float(rows.norm(dim=-1).mean())}
     return errors, info
 
 
 def _vision_run(directory: Path, config: Any) -> tuple[list[str], dict[str, Any]]:
-    """Run the saved ViT + projector on a processed image: proves the weights load and the token count adds up."""
-    import torch
-    from PIL import Image
-    from safetensors import safe_open
+    """The saved processor: its class, its image token, and a vision run on its images with its pad expansion."""
     from transformers import AutoProcessor
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     errors: list[str] = []
     processor = AutoProcessor.from_pretrained(str(directory))
@@ -193,47 +262,18 @@ def _vision_run(directory: Path, config: Any) -> tuple[list[str], dict[str, Any]
         errors.append(f"AutoProcessor gave {type(processor).__name__}")
     if getattr(processor, "image_token", None) != IMAGE_TOKEN:
         errors.append(f"processor.image_token is {getattr(processor, 'image_token', None)!r}")
-    image = Image.new("RGB", (640, 480), (200, 80, 40))
-    features = processor.image_processor(images=[image], return_tensors="pt")
-    grid = features["image_grid_thw"]
-    merge = config.vision_config.spatial_merge_size
-    n_tokens = int(grid.prod(-1).sum()) // merge**2
-
-    index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
-    state: dict[str, torch.Tensor] = {}
-    projector: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safe_open(str(directory / shard), framework="pt") as fh:
-            for name in fh.keys():
-                if name.startswith("model.vision_model."):
-                    state[name.removeprefix("model.vision_model.")] = fh.get_tensor(name).float()
-                elif name.startswith("model.mm_projector."):
-                    projector[name.removeprefix("model.mm_projector.")] = fh.get_tensor(name).float()
-    vision_config = config.vision_config
-    vision_config._attn_implementation = "sdpa"
-    vit = Qwen2_5_VisionTransformerPretrainedModel(vision_config).float().eval()
-    vit.load_state_dict(state, strict=True)
-    proj = torch.nn.Linear(vision_config.out_hidden_size, config.text_config.hidden_size)
-    proj.load_state_dict(projector, strict=True)
-    with torch.no_grad():
-        pooled = vit(features["pixel_values"].float(), grid_thw=grid).pooler_output
-        rows = proj(pooled)
-    if tuple(pooled.shape) != (n_tokens, vision_config.out_hidden_size):
-        expected = (n_tokens, vision_config.out_hidden_size)
-        errors.append(f"ViT pooled output {tuple(pooled.shape)}, expected {expected}")
-    if not bool(torch.isfinite(rows).all()):
-        errors.append("projected image rows are not finite")
+    vision_errors, info = vision_run_errors(directory, processor.image_processor, config.vision_config,
+                                            config.text_config.hidden_size)
+    errors += vision_errors
 
     # The full processor expands the single pad into one pad per merged patch, as vLLM does from the grid.
     text = render_chat(processor.tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text",
                                                                                            "text": "Hi"}]}])
-    expanded = processor(text=[text], images=[image], return_tensors="pt")
+    expanded = processor(text=[text], images=[probe_image()], return_tensors="pt")
     pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     n_pads = int((expanded["input_ids"] == pad_id).sum())
-    if n_pads != n_tokens:
-        errors.append(f"processor expanded to {n_pads} image pads, expected {n_tokens}")
-    info = {"image_grid_thw": grid.tolist(), "image_tokens": n_tokens,
-            "image_row_norm": float(rows.norm(dim=-1).mean())}
+    if n_pads != info["image_tokens"]:
+        errors.append(f"processor expanded to {n_pads} image pads, expected {info['image_tokens']}")
     return errors, info
 
 
@@ -243,28 +283,13 @@ def load_unified_fp32(directory: Path) -> dict[str, Any]:
     A hand-built HF reference (ViT -> mm_projector -> HyperCLOVAX LM) to compare serving engines against; the
     native HyperCLOVAXVisionV2ForConditionalGeneration cannot load it (it expects `model.projector`).
     """
-    import torch
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoProcessor, HyperCLOVAXForCausalLM
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     directory = Path(directory)
     config = AutoConfig.from_pretrained(str(directory))
-    index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
-    groups: dict[str, dict[str, torch.Tensor]] = {"model.language_model.": {}, "model.vision_model.": {},
-                                                  "model.mm_projector.": {}}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safe_open(str(directory / shard), framework="pt") as fh:
-            for name in fh.keys():
-                prefix = next(p for p in groups if name.startswith(p))
-                groups[prefix][name.removeprefix(prefix)] = fh.get_tensor(name).float()
     lm = HyperCLOVAXForCausalLM(config.text_config).float().eval()
-    lm.load_state_dict(groups["model.language_model."], strict=True)
-    config.vision_config._attn_implementation = "sdpa"
-    vision = Qwen2_5_VisionTransformerPretrainedModel(config.vision_config).float().eval()
-    vision.load_state_dict(groups["model.vision_model."], strict=True)
-    projector = torch.nn.Linear(config.vision_config.out_hidden_size, config.text_config.hidden_size).eval()
-    projector.load_state_dict(groups["model.mm_projector."], strict=True)
+    lm.load_state_dict(read_fp32_tensors(directory, ("model.language_model.",))["model.language_model."], strict=True)
+    vision, projector = load_vision_fp32(directory, config.vision_config, config.text_config.hidden_size)
     return {"lm": lm, "vision": vision, "projector": projector, "config": config,
             "processor": AutoProcessor.from_pretrained(str(directory))}
 

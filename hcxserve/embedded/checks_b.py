@@ -7,7 +7,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checks import PARITY_PROMPT, EmbeddedCheckError, render_chat
+from .checks import (
+    CHECKPOINT_FILES,
+    PARITY_PROMPT,
+    EmbeddedCheckError,
+    core_shapes,
+    read_shapes,
+    render_chat,
+    vision_run_errors,
+)
 from .common import Timer
 from .tokenizer import (
     AUDIO_TOKEN,
@@ -28,16 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hcxserve.embedded")
 
-REQUIRED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-)
+# No processor_config.json: the Omni processor is remote code with no transformers class to name.
+REQUIRED_FILES = (*CHECKPOINT_FILES, "video_preprocessor_config.json")
 IMAGE_BLOCK = (f"<|discrete_image_start|>{DISCRETE_IMAGE_TOKEN}<|discrete_image_end|>\n"
                f"<|image_start|>{IMAGE_TOKEN}<|image_end|>")
 AUDIO_BLOCK = (f"<|discrete_audio_start|>{DISCRETE_AUDIO_TOKEN}<|discrete_audio_end|>\n"
@@ -109,45 +109,14 @@ def template_errors_b(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return errors
 
 
-def read_shapes(directory: Path) -> tuple[list[str], dict[str, tuple[int, ...]], dict[str, str]]:
-    """Index vs shard contents; returns (errors, {name: shape}, {name: dtype})."""
-    from safetensors import safe_open
-
-    errors: list[str] = []
-    index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
-    weight_map: dict[str, str] = index["weight_map"]
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
-    for shard in sorted(set(weight_map.values())):
-        with safe_open(str(directory / shard), framework="pt") as fh:
-            for name in fh.keys():
-                if weight_map.get(name) != shard:
-                    errors.append(f"{name} is in {shard} but the index says {weight_map.get(name)}")
-                sl = fh.get_slice(name)
-                shapes[name] = tuple(sl.get_shape())
-                dtypes[name] = sl.get_dtype()
-    if set(shapes) != set(weight_map):
-        errors.append(f"index lists {len(weight_map)} tensors, shards hold {len(shapes)}")
-    return errors, shapes, dtypes
-
-
 def weight_errors_b(directory: Path, config: dict[str, Any], component_shapes: dict[str, tuple[int, ...]] | None
                     ) -> tuple[list[str], dict[str, Any]]:
     """Names/shapes of the LM, ViT and projector against their transformers modules; components against theirs."""
     import torch
-    from transformers import HyperCLOVAXConfig, HyperCLOVAXForCausalLM, Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers import HyperCLOVAXConfig
 
     errors, shapes, dtypes = read_shapes(directory)
-    vision_kwargs = {k: v for k, v in config["vision_config"].items() if k != "model_type"}
-    with torch.device("meta"):
-        lm = HyperCLOVAXForCausalLM(HyperCLOVAXConfig(**config["text_config"]))
-        vit = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**vision_kwargs))
-    expected = {f"model.language_model.{k}": tuple(v.shape) for k, v in lm.state_dict().items()}
-    expected.update({f"model.vision_model.{k}": tuple(v.shape) for k, v in vit.state_dict().items()})
-    hidden = config["text_config"]["hidden_size"]
-    expected["model.mm_projector.weight"] = (hidden, config["vision_config"]["out_hidden_size"])
-    expected["model.mm_projector.bias"] = (hidden,)
+    expected = core_shapes(HyperCLOVAXConfig(**config["text_config"]), saved_vision_config(config))
     core = set(expected)
     if component_shapes is not None:
         expected.update(component_shapes)
@@ -170,49 +139,17 @@ def weight_errors_b(directory: Path, config: dict[str, Any], component_shapes: d
     return errors, {"tensors": len(shapes), "weight_bytes": total}
 
 
-def vision_run_errors(directory: Path, config: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """The saved ViT + projector on a processed image: the weights load and the merged token count adds up."""
-    import torch
-    from PIL import Image
-    from safetensors import safe_open
-    from transformers import Qwen2_5_VLVisionConfig, Qwen2VLImageProcessor
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+def saved_vision_config(config: dict[str, Any]) -> Any:
+    """The ViT config from config.json's `vision_config` (its `model_type` names the Omni remote code's class)."""
+    from transformers import Qwen2_5_VLVisionConfig
 
-    errors: list[str] = []
-    processor = Qwen2VLImageProcessor.from_pretrained(str(directory))
-    features = processor(images=[Image.new("RGB", (640, 480), (200, 80, 40))], return_tensors="pt")
-    grid = features["image_grid_thw"]
-    vcfg = Qwen2_5_VLVisionConfig(**{k: v for k, v in config["vision_config"].items() if k != "model_type"})
-    vcfg._attn_implementation = "sdpa"
-    n_tokens = int(grid.prod(-1).sum()) // vcfg.spatial_merge_size**2
-    index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
-    state: dict[str, torch.Tensor] = {}
-    projector: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safe_open(str(directory / shard), framework="pt") as fh:
-            for name in fh.keys():
-                if name.startswith("model.vision_model."):
-                    state[name.removeprefix("model.vision_model.")] = fh.get_tensor(name).float()
-                elif name.startswith("model.mm_projector."):
-                    projector[name.removeprefix("model.mm_projector.")] = fh.get_tensor(name).float()
-    vit = Qwen2_5_VisionTransformerPretrainedModel(vcfg).float().eval()
-    vit.load_state_dict(state, strict=True)
-    proj = torch.nn.Linear(vcfg.out_hidden_size, config["text_config"]["hidden_size"])
-    proj.load_state_dict(projector, strict=True)
-    with torch.no_grad():
-        rows = proj(vit(features["pixel_values"].float(), grid_thw=grid).pooler_output)
-    if tuple(rows.shape) != (n_tokens, config["llm_hidden_size"]):
-        errors.append(f"projected image rows {tuple(rows.shape)}, expected {(n_tokens, config['llm_hidden_size'])}")
-    if not bool(torch.isfinite(rows).all()):
-        errors.append("projected image rows are not finite")
-    return errors, {"image_grid_thw": grid.tolist(), "image_tokens": n_tokens,
-                    "image_row_norm": float(rows.norm(dim=-1).mean())}
+    return Qwen2_5_VLVisionConfig(**{k: v for k, v in config["vision_config"].items() if k != "model_type"})
 
 
 def check_track_b_checkpoint(directory: Path, parts: TrackBParts | None = None, raise_on_failure: bool = True
                              ) -> dict[str, Any]:
     """Reload the saved checkpoint: files, config ids vs tokenizer, unit blocks, template, weights, a ViT run."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
     timer = Timer()
     directory = Path(directory)
@@ -246,7 +183,8 @@ def check_track_b_checkpoint(directory: Path, parts: TrackBParts | None = None, 
     if parts is not None:
         component_shapes = {n: tuple(t.shape) for n, t in parts.component_tensors.items()}
     weight_errors, weight_info = weight_errors_b(directory, config, component_shapes)
-    vision_errors, vision_info = vision_run_errors(directory, config)
+    vision_errors, vision_info = vision_run_errors(directory, Qwen2VLImageProcessor.from_pretrained(str(directory)),
+                                                   saved_vision_config(config), config["text_config"]["hidden_size"])
     errors += weight_errors + vision_errors
     report = {"ok": not errors, "errors": errors, "tokenizer_len": len(tokenizer),
               "tokenizer_load_seconds": round(load_seconds, 3), "vocab_size": config["text_config"]["vocab_size"],

@@ -1,4 +1,5 @@
-"""Light helpers shared by the embedded-model builders: cache paths, build markers, atomic output folders.
+"""Light helpers shared by the embedded-model builders: cache paths, build markers, atomic output folders, and the
+build steps every track goes through.
 
 Nothing here imports torch or transformers, so the CLI can answer "up to date" in well under a second.
 """
@@ -11,9 +12,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +150,43 @@ class Timer:
 
     def __call__(self) -> float:
         return time.monotonic() - self.start
+
+
+@dataclass
+class BuildResult:
+    output: Path
+    up_to_date: bool
+    seconds: float
+    token_ids: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def build(output: Path, identity: BuildIdentity, prepare: Callable[[], Any], write: Callable[[Any, Path], None],
+          check_parts: Callable[[Any], dict[str, Any]], check_written: Callable[[Path, Any], dict[str, Any]], *,
+          check: bool = True, force: bool = False,
+          token_ids: Callable[[Any], dict[str, Any]] = attrgetter("token_ids")) -> BuildResult:
+    """Build a track's checkpoint into `output` atomically; a no-op when it is already up to date.
+
+    The track supplies the steps: `prepare` derives the parts in memory (they carry `stats`), `write` writes them
+    into an empty folder, `check_parts` checks them before that and `check_written` reloads the folder before it
+    replaces `output`. `token_ids` picks the ids the marker and the result report.
+    """
+    timer = Timer()
+    output = Path(output)
+    if not force and is_up_to_date(output, identity):
+        logger.info("%s is up to date (%s)", output, identity.builder_version)
+        return BuildResult(output=output, up_to_date=True, seconds=timer())
+
+    parts = prepare()
+    # Before anything is written: a wrong mapping must never produce a checkpoint.
+    parity = check_parts(parts) if check else {}
+    with atomic_output_dir(output) as tmp:
+        write(parts, tmp)
+        checks = check_written(tmp, parts) if check else {}
+        ids = token_ids(parts)
+        write_marker(tmp, identity, extra={"token_ids": ids, "stats": parts.stats})
+    logger.info("built %s in %.1f s", output, timer())
+    return BuildResult(output=output, up_to_date=False, seconds=timer(), token_ids=ids, parity=parity,
+                       checks=checks, stats=parts.stats)

@@ -10,20 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .common import (
-    BUILDER_VERSION,
-    TRACK_A_CHAT_TEMPLATE,
-    BuildIdentity,
-    Timer,
-    atomic_output_dir,
-    is_up_to_date,
-    sha256_text,
-    write_marker,
-)
+from .checks import check_mapping_parity, check_unified_checkpoint, sample_answer
+from .common import BUILDER_VERSION, TRACK_A_CHAT_TEMPLATE, BuildIdentity, BuildResult, Timer, build, sha256_text
 from .tokenizer import IMAGE_TOKEN, THINK_TOKENS, VIDEO_TOKEN, add_hcx_tokens, padded_vocab_size
 
 if TYPE_CHECKING:
@@ -382,55 +375,40 @@ def save_image_processors(directory: Path, image_processor: Any, video_processor
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_track_a(parts: TrackAParts, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write the unified checkpoint files into an existing (empty) directory."""
+def write_checkpoint(parts: TrackAParts, directory: Path, tensors: dict[str, torch.Tensor],
+                     save_track_processors: Callable[[Path], None], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write a unified checkpoint (either track's parts) into an existing (empty) directory."""
     from transformers import GenerationConfig
 
     timer = Timer()
     (directory / "config.json").write_text(json.dumps(parts.config, indent=2) + "\n", encoding="utf-8")
     GenerationConfig(bos_token_id=1, eos_token_id=[2], pad_token_id=2).save_pretrained(str(directory))
-    total = write_sharded(unified_state_dict(parts), directory, max_shard_bytes)
-    # Processor first (it also writes tokenizer files), then the tokenizer itself so its files are the plain
-    # tokenizer's own output.
-    save_processors(directory, parts.tokenizer, parts.chat_template)
+    total = write_sharded(tensors, directory, max_shard_bytes)
+    # Processors first (a processor also writes tokenizer files), then the tokenizer itself so its files are the
+    # plain tokenizer's own output.
+    save_track_processors(directory)
     parts.tokenizer.save_pretrained(str(directory))
     (directory / "chat_template.jinja").write_text(parts.chat_template, encoding="utf-8")
-    logger.info("checkpoint files written in %.1f s (%.1f MB of bf16 weights)", timer(), total / 1e6)
+    logger.info("checkpoint files written in %.1f s (%.1f MB of weights)", timer(), total / 1e6)
 
 
-@dataclass
-class BuildResult:
-    output: Path
-    up_to_date: bool
-    seconds: float
-    token_ids: dict[str, int] = field(default_factory=dict)
-    parity: dict[str, Any] = field(default_factory=dict)
-    checks: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)
+def write_track_a(parts: TrackAParts, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write the unified checkpoint files into an existing (empty) directory."""
+    write_checkpoint(parts, directory, unified_state_dict(parts),
+                     lambda folder: save_processors(folder, parts.tokenizer, parts.chat_template), max_shard_bytes)
+
+
+def check_parts(parts: TrackAParts) -> dict[str, Any]:
+    """Mapping parity and a sample answer of the LM in memory."""
+    parity = check_mapping_parity(parts.llama, parts.language_model, parts.tokenizer).as_dict()
+    parity["sample_answer"] = sample_answer(parts.language_model, parts.tokenizer)
+    return parity
 
 
 def build_track_a(output: Path, cache_dir: Path, *, check: bool = True, force: bool = False,
                   chat_template_path: Path | None = None) -> BuildResult:
     """Build the unified track A checkpoint into `output` atomically; a no-op when it is already up to date."""
-    timer = Timer()
-    output = Path(output)
-    identity = build_identity(load_chat_template(chat_template_path))
-    if not force and is_up_to_date(output, identity):
-        logger.info("%s is up to date (%s)", output, identity.builder_version)
-        return BuildResult(output=output, up_to_date=True, seconds=timer())
-
-    from .checks import check_mapping_parity, check_unified_checkpoint, sample_answer
-
-    parts = prepare_track_a(cache_dir, chat_template_path)
-    parity: dict[str, Any] = {}
-    if check:
-        # Before anything is written: a wrong mapping must never produce a checkpoint.
-        parity = check_mapping_parity(parts.llama, parts.language_model, parts.tokenizer).as_dict()
-        parity["sample_answer"] = sample_answer(parts.language_model, parts.tokenizer)
-    with atomic_output_dir(output) as tmp:
-        write_track_a(parts, tmp)
-        checks: dict[str, Any] = check_unified_checkpoint(tmp, expected_ids=parts.token_ids) if check else {}
-        write_marker(tmp, identity, extra={"token_ids": parts.token_ids, "stats": parts.stats})
-    logger.info("built %s in %.1f s", output, timer())
-    return BuildResult(output=output, up_to_date=False, seconds=timer(), token_ids=parts.token_ids, parity=parity,
-                       checks=checks, stats=parts.stats)
+    return build(output, build_identity(load_chat_template(chat_template_path)),
+                 lambda: prepare_track_a(cache_dir, chat_template_path), write_track_a, check_parts,
+                 lambda directory, parts: check_unified_checkpoint(directory, expected_ids=parts.token_ids),
+                 check=check, force=force)

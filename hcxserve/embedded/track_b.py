@@ -11,22 +11,22 @@ Vision: track A's seeded tiny Qwen2.5-VL ViT + `mm_projector` (to the LLM width)
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checks import check_mapping_parity, sample_answer
+from .checks_b import check_track_b_checkpoint, new_token_mass
 from .common import (
     TRACK_B_BUILDER_VERSION,
     TRACK_B_CHAT_TEMPLATE,
     BuildIdentity,
+    BuildResult,
     Timer,
-    atomic_output_dir,
-    is_up_to_date,
+    build,
     sha256_text,
-    write_marker,
 )
 from .tokenizer import (
     AUDIO_TOKEN,
@@ -276,30 +276,12 @@ def unified_state_dict(parts: TrackBParts) -> dict[str, torch.Tensor]:
 
 def write_track_b(parts: TrackBParts, directory: Path, max_shard_bytes: int | None = None) -> None:
     """Write the unified checkpoint files into an existing (empty) directory."""
-    from transformers import GenerationConfig
+    from .track_a import MAX_SHARD_BYTES, make_image_processors, save_image_processors, write_checkpoint
 
-    from .track_a import MAX_SHARD_BYTES, make_image_processors, save_image_processors, write_sharded
-
-    timer = Timer()
-    (directory / "config.json").write_text(json.dumps(parts.config, indent=2) + "\n", encoding="utf-8")
-    GenerationConfig(bos_token_id=1, eos_token_id=[2], pad_token_id=2).save_pretrained(str(directory))
-    total = write_sharded(unified_state_dict(parts), directory, max_shard_bytes or MAX_SHARD_BYTES)
     # No processor_config.json: the Omni processor is remote code with no transformers class to name.
-    save_image_processors(directory, *make_image_processors())
-    parts.tokenizer.save_pretrained(str(directory))
-    (directory / "chat_template.jinja").write_text(parts.chat_template, encoding="utf-8")
-    logger.info("checkpoint files written in %.1f s (%.1f MB of weights)", timer(), total / 1e6)
-
-
-@dataclass
-class BuildResult:
-    output: Path
-    up_to_date: bool
-    seconds: float
-    token_ids: dict[str, int] = field(default_factory=dict)
-    parity: dict[str, Any] = field(default_factory=dict)
-    checks: dict[str, Any] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)
+    write_checkpoint(parts, directory, unified_state_dict(parts),  # type: ignore[arg-type]  # same attributes
+                     lambda folder: save_image_processors(folder, *make_image_processors()),
+                     max_shard_bytes or MAX_SHARD_BYTES)
 
 
 def summary_token_ids(parts: TrackBParts) -> dict[str, Any]:
@@ -311,30 +293,17 @@ def summary_token_ids(parts: TrackBParts) -> dict[str, Any]:
             "tokenizer_len": len(parts.tokenizer), "vocab_size": parts.config["text_config"]["vocab_size"]}
 
 
+def check_parts(parts: TrackBParts) -> dict[str, Any]:
+    """Mapping parity, the probability mass on the added tokens and a sample answer of the LM in memory."""
+    parity = check_mapping_parity(parts.llama, parts.language_model, parts.tokenizer).as_dict()
+    parity["new_token_probability"] = new_token_mass(parts.language_model, parts.tokenizer)
+    parity["sample_answer"] = sample_answer(parts.language_model, parts.tokenizer, thinking=False)
+    return parity
+
+
 def build_track_b(output: Path, cache_dir: Path, *, check: bool = True, force: bool = False,
                   chat_template_path: Path | None = None) -> BuildResult:
     """Build the unified track B checkpoint into `output` atomically; a no-op when it is already up to date."""
-    timer = Timer()
-    output = Path(output)
-    identity = build_identity(load_chat_template(chat_template_path))
-    if not force and is_up_to_date(output, identity):
-        logger.info("%s is up to date (%s)", output, identity.builder_version)
-        return BuildResult(output=output, up_to_date=True, seconds=timer())
-
-    from .checks import check_mapping_parity, sample_answer
-    from .checks_b import check_track_b_checkpoint, new_token_mass
-
-    parts = prepare_track_b(cache_dir, chat_template_path)
-    parity: dict[str, Any] = {}
-    if check:
-        parity = check_mapping_parity(parts.llama, parts.language_model, parts.tokenizer).as_dict()
-        parity["new_token_probability"] = new_token_mass(parts.language_model, parts.tokenizer)
-        parity["sample_answer"] = sample_answer(parts.language_model, parts.tokenizer, thinking=False)
-    with atomic_output_dir(output) as tmp:
-        write_track_b(parts, tmp)
-        checks: dict[str, Any] = check_track_b_checkpoint(tmp, parts) if check else {}
-        ids = summary_token_ids(parts)
-        write_marker(tmp, identity, extra={"token_ids": ids, "stats": parts.stats})
-    logger.info("built %s in %.1f s", output, timer())
-    return BuildResult(output=output, up_to_date=False, seconds=timer(), token_ids=ids, parity=parity,
-                       checks=checks, stats=parts.stats)
+    return build(output, build_identity(load_chat_template(chat_template_path)),
+                 lambda: prepare_track_b(cache_dir, chat_template_path), write_track_b, check_parts,
+                 check_track_b_checkpoint, check=check, force=force, token_ids=summary_token_ids)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from embedded_fixtures import track_fixtures  # noqa: E402
 
 from hcxserve.embedded import common  # noqa: E402
 from hcxserve.embedded.checks import (  # noqa: E402
@@ -50,25 +51,7 @@ EXPECTED_IDS = {
     "</think>": 49166,
 }
 
-
-@pytest.fixture(scope="module")
-def parts() -> TrackAParts:
-    return prepare_track_a(common.default_cache_dir())
-
-
-@pytest.fixture(scope="module")
-def checkpoint(parts: TrackAParts, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("track_a")
-    write_track_a(parts, directory)
-    common.write_marker(directory, build_identity(parts.chat_template))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def saved_tokenizer(checkpoint: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(checkpoint))
+parts, checkpoint, saved_tokenizer = track_fixtures(prepare_track_a, write_track_a, build_identity, "track_a")
 
 
 # --- mapping parity -------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from embedded_fixtures import track_fixtures  # noqa: E402
 
 from hcxserve.embedded import common  # noqa: E402
 from hcxserve.embedded.checks import PARITY_PROMPT, check_mapping_parity, sample_answer  # noqa: E402
@@ -39,18 +40,7 @@ TRACK_A_IDS = {"<|image_start|>": 49152, "<|IMAGE_PAD|>": 49153, "<|VIDEO_PAD|>"
 BASE_VOCAB = 49152
 AUDIO_UNITS = 6561
 
-
-@pytest.fixture(scope="module")
-def parts() -> TrackBParts:
-    return prepare_track_b(common.default_cache_dir())
-
-
-@pytest.fixture(scope="module")
-def checkpoint(parts: TrackBParts, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("track_b")
-    write_track_b(parts, directory)
-    common.write_marker(directory, build_identity(parts.chat_template))
-    return directory
+parts, checkpoint, saved_tokenizer = track_fixtures(prepare_track_b, write_track_b, build_identity, "track_b")
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +55,6 @@ def converted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def config(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "config.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def saved_tokenizer(checkpoint: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(checkpoint))
 
 
 # --- language model -------------------------------------------------------------------------------------------
@@ -169,7 +152,8 @@ def test_checkpoint_files_and_prefixes(checkpoint: Path) -> None:
             "preprocessor_config.json", "video_preprocessor_config.json", common.MARKER_NAME} <= names
     weights = set(json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"])
     roles = ("model.language_model.", "model.vision_model.", "model.mm_projector.", "model.discrete_vision_model.",
-             "model.audio_model.", "model.audio_projector.", "model.discrete_audio_model.")
+             "model.audio_model.", "model.audio_projector.", "model.discrete_audio_model.",
+             "model.video_audio_compressor.")
     assert all(n.startswith(roles) for n in weights)
     assert all(any(n.startswith(r) for n in weights) for r in roles)
 
