@@ -8,3 +8,13 @@ def resolve_device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(name: str):
+    """The torch dtype a config names (`bfloat16`, `float16`, `float32`)."""
+    import torch
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, not {name!r}")
+    return dtypes[name]

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from hcxserve.models import torch_dtype
 from hcxserve.models.mambamia import MambaMiaCompressor
 from hcxserve.models.s3_tokenizer import FSQ_DIMS, S3Tokenizer, S3TokenizerConfig, load_strict, log_mel_spectrogram
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PROJECTOR_TYPES = ("mlp", "inverted_mlp", "linear")  # the Omni remote code's VLM_Mlp variants and nn.Linear
 
 
@@ -129,13 +129,13 @@ class AudioEncoderModel:
 
         ae_dir = Path(ae_dir)
         resolved = torch.device(device)
-        torch_dtype = _DTYPES[dtype]
+        weights_dtype = torch_dtype(dtype)
         top = read_component_config(ae_dir)
         if not isinstance(top.get("audio_config"), dict):
             raise ComponentError(f"{ae_dir / 'config.json'}: no audio_config")
         encoder_config = Qwen2AudioEncoderConfig.from_dict(top["audio_config"])
         encoder_config._attn_implementation = attn_implementation
-        encoder = Qwen2AudioEncoder._from_config(encoder_config, dtype=torch_dtype)
+        encoder = Qwen2AudioEncoder._from_config(encoder_config, dtype=weights_dtype)
         load_strict(encoder, load_state_dict(ae_dir, prefix="audio_model."), where=f"{ae_dir} (audio_model.*)")
 
         projector_tensors = load_state_dict(ae_dir, prefix="audio_projector.")
@@ -165,8 +165,8 @@ class AudioEncoderModel:
         if tokenizer.config.sample_rate != config.sample_rate:
             raise ComponentError(f"{ae_dir}: the S3 tokenizer and the encoder disagree on the sample rate")
         compressor = MambaMiaCompressor.from_pretrained(ae_dir, device=device, dtype=dtype)
-        encoder = encoder.to(device=resolved, dtype=torch_dtype).eval()
-        projector = projector.to(device=resolved, dtype=torch_dtype).eval()
+        encoder = encoder.to(device=resolved, dtype=weights_dtype).eval()
+        projector = projector.to(device=resolved, dtype=weights_dtype).eval()
         logger.info(
             "audio encoder loaded from %s on %s (%s; %d encoder, %d projector, %d tokenizer params)",
             ae_dir,
@@ -176,7 +176,7 @@ class AudioEncoderModel:
             sum(p.numel() for p in projector.parameters()),
             sum(p.numel() for p in tokenizer.parameters()),
         )
-        return cls(encoder, projector, tokenizer, feature_extractor, config, resolved, torch_dtype, compressor)
+        return cls(encoder, projector, tokenizer, feature_extractor, config, resolved, weights_dtype, compressor)
 
     @torch.inference_mode()
     def encode(self, waveforms16k: list[np.ndarray], from_video: list[bool] | None = None) -> list[AudioEncoding]:

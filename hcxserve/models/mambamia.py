@@ -41,7 +41,6 @@ from hcxserve.convert.errors import ComponentError, few
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WEIGHT_PREFIX = "video_audio_compressor."  # in ae/ (the unified checkpoint has "model." in front)
 CONFIG_KEY = "video_audio_compressor_config"
 TYPE_KEY = "video_audio_compressor_type"
@@ -351,11 +350,10 @@ class MambaMiaCompressor(nn.Module):
         match the module exactly, or a ComponentError names the missing, unexpected or mis-shaped tensors.
         """
         from hcxserve.convert import load_state_dict, read_component_config, weight_map
-        from hcxserve.models import resolve_device
+        from hcxserve.models import resolve_device, torch_dtype
 
         ae_dir = Path(ae_dir)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+        weights_dtype = torch_dtype(dtype)  # a bad name fails before any file is read
         if not any(name.startswith(WEIGHT_PREFIX) for name in weight_map(ae_dir)):
             return None
         component_config = read_component_config(ae_dir)
@@ -381,7 +379,7 @@ class MambaMiaCompressor(nn.Module):
         check_weights(model, tensors, where=str(ae_dir))
         model.load_state_dict(tensors, strict=True, assign=True)
         device = resolve_device(device)
-        model = model.to(device=device, dtype=_DTYPES[dtype]).eval()
+        model = model.to(device=device, dtype=weights_dtype).eval()
         logger.info(
             "MambaMia compressor loaded from %s on %s (%s, %d params, %d layer(s), hidden %d)",
             ae_dir,

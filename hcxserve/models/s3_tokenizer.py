@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hcxserve.models import torch_dtype
+
 logger = logging.getLogger(__name__)
 
 FSQ_LEVELS = 3  # each of the 8 projected dimensions is rounded to -1, 0 or +1
 FSQ_DIMS = 8
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ class S3Tokenizer(nn.Module):
         config = S3TokenizerConfig.from_dict(read_component_config(ae_dir).get("discrete_audio_config"))
         model = cls(config)
         load_strict(model, load_state_dict(ae_dir, prefix=prefix), where=f"{ae_dir} ({prefix}*)")
-        return model.to(device=torch.device(device), dtype=_DTYPES[dtype]).eval()
+        return model.to(device=torch.device(device), dtype=torch_dtype(dtype)).eval()
 
     @torch.inference_mode()
     def tokenize(self, waveforms: list[np.ndarray]) -> list[torch.Tensor]:

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcxserve.convert.errors import ComponentError, few
+from hcxserve.models import torch_dtype
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 WEIGHT_PREFIX = "discrete_vision_model."  # in ve/ (the unified checkpoint has "model." in front)
 # Similarity rows scored at once: bounds the (rows x codebook_size) fp32 score matrix at 512 MiB for the real
 # 65536-code book, so a large batch does not need memory in proportion to its size.
@@ -199,7 +199,7 @@ class TATokEncoder(nn.Module):
         embeddings = model.encoder.embeddings
         embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
         model.codebook = torch.empty(0)
-        model = model.to(device=resolved, dtype=_DTYPES[dtype]).eval()
+        model = model.to(device=resolved, dtype=torch_dtype(dtype)).eval()
         model._set_codebook(*codebook_parts)  # after .to(dtype): the codebook stays fp32
         logger.info(
             "TA-Tok encoder loaded from %s on %s (%s, %d params, %d codes)",

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import torch
 
-from hcxserve.models import resolve_device
+from hcxserve.models import resolve_device, torch_dtype
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.payloads import encode_tensor
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -64,15 +62,15 @@ class VisionTower:
 
         ve_dir = Path(ve_dir)
         resolved = torch.device(resolve_device(device))
-        torch_dtype = _DTYPES[dtype]
+        weights_dtype = torch_dtype(dtype)
         ve_config = json.loads((ve_dir / "config.json").read_text())
         vision_config = ve_config["vision_config"]
         config = Qwen2_5_VLVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         config._attn_implementation = attn_implementation
         # Not on the meta device: the rotary embedding's non-persistent buffers are computed at construction.
-        model = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=torch_dtype)
+        model = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=weights_dtype)
         model.load_state_dict(load_state_dict(ve_dir, prefix="vision_model."), strict=True)
-        model = model.to(device=resolved, dtype=torch_dtype).eval()
+        model = model.to(device=resolved, dtype=weights_dtype).eval()
         processor = Qwen2VLImageProcessor.from_pretrained(ve_dir)
         video_processor = Qwen2VLVideoProcessor.from_pretrained(ve_dir)
         logger.info(
@@ -87,9 +85,9 @@ class VisionTower:
             shape = ve_config["projector"]
             projector = torch.nn.Linear(shape["in_features"], shape["out_features"])
             projector.load_state_dict(load_state_dict(ve_dir, prefix="mm_projector."), strict=True)
-            projector = projector.to(device=resolved, dtype=torch_dtype).eval()
+            projector = projector.to(device=resolved, dtype=weights_dtype).eval()
         spec = VisionTowerSpec.from_config(ve_config)
-        return cls(model, processor, video_processor, spec, resolved, torch_dtype, projector)
+        return cls(model, processor, video_processor, spec, resolved, weights_dtype, projector)
 
     @torch.inference_mode()
     def encode(self, images: list) -> list[VisionFeatures]:
