@@ -54,7 +54,7 @@ def _bench(encoder: type) -> type:
             if vision:
                 item = ImageInput(data=data)
             else:
-                item = AudioInput(data=data, format="wav", max_seconds=config.media.max_audio_seconds)
+                item = AudioInput(data=data, max_seconds=config.media.max_audio_seconds)
             (result,) = await call_dependency(self.target, "encode", [item], what=encoder.name)
             if result.embedding is None:
                 return {"error": result.error, "status": result.status}

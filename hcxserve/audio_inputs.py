@@ -111,9 +111,10 @@ class AudioInputs:
     async def _input(self, ref: AudioRef) -> AudioInput:
         part = ref.content
         if isinstance(part, AudioURLPart):
-            source, fmt = part.audio_url.url, None
+            source = part.audio_url.url
         else:
             source, fmt = part.input_audio.data, part.input_audio.format
+            # the encoder tells the container from the bytes; a declared format is only checked for support
             if fmt is not None and fmt.lower() not in self.config.audio_formats:
                 raise InvalidRequestError(
                     f"{ref.param}: audio format {fmt!r} is not supported (supported: "
@@ -123,7 +124,7 @@ class AudioInputs:
                 )
             source = url_inside_base64(source) or source
         media = await self.fetcher.fetch(source, param=ref.param, max_bytes=self.config.max_audio_bytes)
-        return AudioInput(data=media.data, format=fmt, max_seconds=self.config.max_audio_seconds)
+        return AudioInput(data=media.data, max_seconds=self.config.max_audio_seconds)
 
     def _check_embedding(self, embedding: AudioEmbedding) -> None:
         if embedding.dim != self.embed_dim or embedding.rows < 1 or not embedding.discrete_codes:

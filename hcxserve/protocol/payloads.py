@@ -61,10 +61,10 @@ class VisionEncoding(BaseModel):
 
 
 class AudioInput(BaseModel):
-    """One already-fetched audio file (any container soundfile reads); the encoder decodes and resamples it."""
+    """One already-fetched audio file, or a video file for its sound track; the encoder decodes and resamples it
+    (the container is told by its bytes, not by the client's `format`)."""
 
     data: bytes = Field(repr=False)
-    format: str | None = None  # the client's hint, only used in error messages
     max_seconds: float
 
 
