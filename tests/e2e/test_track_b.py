@@ -66,6 +66,21 @@ def test_text_reasons_by_default_and_skip_reasoning_answers_directly(client):
     assert reasoned.choices[0].message.model_extra.get("reasoning_content")
 
 
+def test_thinking_budget_holds_for_a_prompt_with_embeddings(client):
+    """OmniServe's prompt-embeds path could not enforce `thinking_token_budget`; token ids plus embedding slots can."""
+    budget = 6
+    response = ask(
+        client,
+        [audio(make_audio(1.0)), text("What is 3 + 4?")],
+        max_tokens=40,
+        extra_body={"thinking_token_budget": budget, "min_tokens": 32},
+    )
+    message = response.choices[0].message
+    reasoning = message.model_extra["reasoning_content"]
+    assert reasoning and message.content
+    assert len(reasoning.split()) <= budget + 1  # the budget is in tokens; words are never more than tokens
+
+
 def test_wav_audio(client):
     response = ask(client, [audio(make_audio(seconds=2.0, rate=22050)), text("What do you hear?")])
     assert answer(response)
