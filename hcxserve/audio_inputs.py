@@ -18,10 +18,10 @@ from typing import Any
 
 from hcxserve.config import MediaConfig
 from hcxserve.media import MediaFetcher, PartRef
-from hcxserve.protocol.errors import InvalidRequestError, MediaError, PayloadTooLargeError, UpstreamError
+from hcxserve.protocol.errors import InvalidRequestError, UpstreamError
 from hcxserve.protocol.openai import AudioURLPart, ChatCompletionRequest, InputAudioPart
 from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, AudioInput
-from hcxserve.visual_inputs import call_encoder
+from hcxserve.visual_inputs import call_encoder, check_count, embedding_of
 
 logger = logging.getLogger(__name__)
 
@@ -91,21 +91,14 @@ class AudioInputs:
         refs = find_audio_refs(request)
         if not refs:
             return {}
-        if len(refs) > self.config.max_audios_per_request:
-            raise InvalidRequestError(
-                f"too many audio clips: {len(refs)} (at most {self.config.max_audios_per_request} per request)",
-                param="messages",
-                code="too_many_audios",
-            )
+        check_count(refs, self.config.max_audios_per_request, "audio clips", code="too_many_audios")
         inputs = await asyncio.gather(*(self._input(ref) for ref in refs))
         results = await call_encoder(self.encode_audio, list(inputs), "audio encoder")
         out = {}
         for ref, result in zip(refs, results):
-            if result.error is not None or result.embedding is None:
-                error_type = PayloadTooLargeError if result.status == 413 else MediaError
-                raise error_type(f"{ref.param}: {result.error or 'could not be encoded'}", param=ref.param)
-            self._check_embedding(result.embedding)
-            out[ref.key] = AudioEmbeddingPart(result.embedding)
+            embedding = embedding_of(ref, result)
+            self._check_embedding(embedding)
+            out[ref.key] = AudioEmbeddingPart(embedding)
         return out
 
     async def _input(self, ref: AudioRef) -> AudioInput:

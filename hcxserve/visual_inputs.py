@@ -69,6 +69,24 @@ async def call_encoder(encoder: Callable[[list], Awaitable[Sequence]], inputs: l
     return results
 
 
+def check_count(refs: Sequence[PartRef], limit: int, what: str, code: str | None = None) -> None:
+    if len(refs) > limit:
+        raise InvalidRequestError(
+            f"too many {what}: {len(refs)} (at most {limit} per request)",
+            param="messages",
+            code=code or f"too_many_{what}",
+        )
+
+
+def embedding_of(ref: PartRef, result):
+    """The embedding an encoder returned for one part, or the client error it reported instead (413 when the part
+    was over a limit)."""
+    if result.error is not None or result.embedding is None:
+        error_type = PayloadTooLargeError if result.status == 413 else MediaError
+        raise error_type(f"{ref.param}: {result.error or 'could not be encoded'}", param=ref.param)
+    return result.embedding
+
+
 def find_visual_refs(request: ChatCompletionRequest) -> list[VisualRef]:
     refs = []
     for i, message in enumerate(request.messages):
@@ -101,26 +119,15 @@ class VisualInputs:
         refs = find_visual_refs(request)
         images = [r for r in refs if r.kind == "image"]
         videos = [r for r in refs if r.kind == "video"]
-        self._check_counts(images, self.config.max_images_per_request, "images")
-        self._check_counts(videos, self.config.max_videos_per_request, "videos")
+        check_count(images, self.config.max_images_per_request, "images")
+        check_count(videos, self.config.max_videos_per_request, "videos")
         image_results, video_results = await asyncio.gather(self._images(images), self._videos(videos))
         out = {}
         for ref, result in [*zip(images, image_results), *zip(videos, video_results)]:
-            if result.error is not None or result.embedding is None:
-                error_type = PayloadTooLargeError if result.status == 413 else MediaError
-                raise error_type(f"{ref.param}: {result.error or 'could not be encoded'}", param=ref.param)
-            self._check_embedding(ref.kind, result.embedding)
-            out[ref.key] = VisualEmbedding(ref.kind, result.embedding)
+            embedding = embedding_of(ref, result)
+            self._check_embedding(ref.kind, embedding)
+            out[ref.key] = VisualEmbedding(ref.kind, embedding)
         return out
-
-    @staticmethod
-    def _check_counts(refs: list[VisualRef], limit: int, what: str) -> None:
-        if len(refs) > limit:
-            raise InvalidRequestError(
-                f"too many {what}: {len(refs)} (at most {limit} per request)",
-                param="messages",
-                code=f"too_many_{what}",
-            )
 
     async def _images(self, refs: list[VisualRef]) -> Sequence[VisionEncoding]:
         if not refs:
