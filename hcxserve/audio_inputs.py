@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,8 @@ from hcxserve.visual_inputs import call_encoder, check_count, embedding_of
 logger = logging.getLogger(__name__)
 
 AudioEncoder = Callable[[list[AudioInput]], Awaitable[Sequence[AudioEncoding]]]
-_URL_PREFIXES = (b"http://", b"https://")
-_REFUSED_PREFIXES = (b"s3://", b"file://")
+_URL = re.compile(rb"[a-z][a-z0-9+.-]*://[\x09-\x0d\x20-\x7e]*\Z", re.IGNORECASE)  # printable ASCII
+_MAX_URL_BASE64 = 2048
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,18 @@ def find_audio_refs(request: ChatCompletionRequest) -> list[AudioRef]:
 
 
 def url_inside_base64(text: str) -> str | None:
-    """The URL when `text` is base64 (either alphabet) of an http(s) URL, as OmniServe's clients send it."""
-    head = text[:2048].strip()
+    """The reference when `text` is base64 (either alphabet) of a URL, as OmniServe's clients send it. Which
+    schemes may be fetched is the fetcher's decision, as for any other URL (`s3://`, `file://` are refused there)."""
+    text = text.strip()
+    if len(text) > _MAX_URL_BASE64:
+        return None  # audio bytes, not a reference
     for decode in (base64.b64decode, base64.urlsafe_b64decode):
         try:
-            raw = decode(head + "=" * (-len(head) % 4))
+            raw = decode(text + "=" * (-len(text) % 4))
         except (binascii.Error, ValueError):
             continue
-        if raw.startswith(_URL_PREFIXES) and len(head) == len(text.strip()):
-            try:
-                return raw.decode("ascii")
-            except UnicodeDecodeError:
-                return None
-        if raw.startswith(_REFUSED_PREFIXES):
-            return raw.split(b":", 1)[0].decode() + ":"
+        if _URL.match(raw):
+            return raw.decode("ascii")
     return None
 
 
