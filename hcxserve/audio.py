@@ -76,7 +76,7 @@ def decode_audio(data: bytes, *, target_rate: int = 16000, max_seconds: float) -
         raise AudioDecodeError("audio is empty")
     kind = sniff_audio_format(data)
     if kind in _SOUNDFILE_FORMATS:
-        (frames, rate), from_video = _read_soundfile(data, kind, max_seconds), False
+        frames, rate, from_video = _read_soundfile(data, kind, max_seconds)
     else:
         frames, rate, from_video = _read_ffmpeg(data, kind, max_seconds)
     if frames.shape[0] == 0:
@@ -95,8 +95,8 @@ def _check_rate(rate: int) -> None:
         raise AudioDecodeError(f"audio has an unusable sample rate of {rate} Hz")
 
 
-def _read_soundfile(data: bytes, kind: str, max_seconds: float) -> tuple[np.ndarray, int]:
-    """(frames (n, channels) float32, sample rate)."""
+def _read_soundfile(data: bytes, kind: str, max_seconds: float) -> tuple[np.ndarray, int, bool]:
+    """(frames (n, channels) float32, sample rate, False: libsndfile reads audio-only containers)."""
     import soundfile
 
     try:
@@ -109,9 +109,10 @@ def _read_soundfile(data: bytes, kind: str, max_seconds: float) -> tuple[np.ndar
         if 0 < handle.frames < np.iinfo(np.int64).max and handle.frames / rate > max_seconds:
             raise AudioTooLongError(handle.frames / rate, max_seconds)
         try:
-            return handle.read(frames=math.floor(max_seconds * rate) + 1, dtype="float32", always_2d=True), rate
+            frames = handle.read(frames=math.floor(max_seconds * rate) + 1, dtype="float32", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError) as exc:
             raise AudioDecodeError(f"the audio is corrupt or truncated ({exc})") from exc
+    return frames, rate, False
 
 
 def _read_ffmpeg(data: bytes, kind: str | None, max_seconds: float) -> tuple[np.ndarray, int, bool]:
