@@ -18,3 +18,12 @@ def torch_dtype(name: str):
     if name not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, not {name!r}")
     return dtypes[name]
+
+
+def known_fields(config_class, values: dict | None) -> dict:
+    """The entries of a checkpoint's config dict that name a field of `config_class` (a dataclass): the real
+    checkpoints' component configs carry other keys (model_type, model_name_or_path, ...) and often no sizes."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(config_class)}
+    return {k: v for k, v in (values or {}).items() if k in names}

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcxserve.convert.errors import ComponentError, few
+from hcxserve.models import known_fields
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class MambaMiaConfig:
         As in the original, num_heads follows hidden_size (expand * hidden_size / head_dim) unless it is given,
         so a config that only names hidden_size (as the original's does) gets a consistent head count.
         """
-        names = {f.name for f in fields(cls)}
-        known = {k: v for k, v in config.items() if k in names}
+        known = known_fields(cls, config)
         if "num_heads" not in known:
             sizes = cls.__dataclass_fields__
             expand = known.get("expand", sizes["expand"].default)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hcxserve.models import torch_dtype
+from hcxserve.models import known_fields, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ class S3TokenizerConfig:
     @classmethod
     def from_dict(cls, data: dict | None) -> S3TokenizerConfig:
         """Defaults overridden by the known keys of `discrete_audio_config` (the real one names no sizes)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+        return cls(**known_fields(cls, data))
 
     @property
     def chunk_samples(self) -> int:

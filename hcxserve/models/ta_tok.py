@@ -18,7 +18,7 @@ unless a caller asks for the original's softmax sampling explicitly.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcxserve.convert.errors import ComponentError, few
-from hcxserve.models import torch_dtype
+from hcxserve.models import known_fields, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ class TATokConfig:
     @classmethod
     def from_dict(cls, config: dict) -> TATokConfig:
         """Defaults overridden by the keys of `discrete_vision_config` that name a field; others are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        return cls(**known_fields(cls, config))
 
     @property
     def layers_run(self) -> int:
