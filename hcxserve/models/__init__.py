@@ -27,3 +27,18 @@ def known_fields(config_class, values: dict | None) -> dict:
 
     names = {f.name for f in fields(config_class)}
     return {k: v for k, v in (values or {}).items() if k in names}
+
+
+def state_dict_mismatch(module, tensors: dict) -> dict[str, list[str]]:
+    """What keeps `tensors` from loading strictly into `module`: names missing, unexpected, and of the wrong shape
+    (each list empty when fine), for errors that name them rather than torch's wall of text."""
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    return {
+        "missing": sorted(set(expected) - set(tensors)),
+        "unexpected": sorted(set(tensors) - set(expected)),
+        "wrong shape": sorted(
+            f"{name} {tuple(tensors[name].shape)} != {expected[name]}"
+            for name in set(expected) & set(tensors)
+            if tuple(tensors[name].shape) != expected[name]
+        ),
+    }

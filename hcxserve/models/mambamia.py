@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hcxserve.convert.errors import ComponentError, few
-from hcxserve.models import known_fields
+from hcxserve.models import known_fields, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -394,21 +394,7 @@ class MambaMiaCompressor(nn.Module):
 
 def check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], *, where: str) -> None:
     """Raise a ComponentError naming every missing, unexpected or mis-shaped tensor (strict loading, but readable)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = sorted(
-        f"{name} {tuple(tensors[name].shape)} != {expected[name]}"
-        for name in set(expected) & set(tensors)
-        if tuple(tensors[name].shape) != expected[name]
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing {few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {few(unexpected)}")
-    if shapes:
-        problems.append(f"wrong shape {few(shapes)}")
+    problems = [f"{label} {few(items)}" for label, items in state_dict_mismatch(model, tensors).items() if items]
     if problems:
         raise ComponentError(f"{where}: {WEIGHT_PREFIX}* does not match the MambaMia config: " + "; ".join(problems))
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hcxserve.models import known_fields, torch_dtype
+from hcxserve.models import known_fields, state_dict_mismatch, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -308,19 +308,7 @@ def load_strict(module: nn.Module, tensors: dict[str, torch.Tensor], *, where: s
     """`load_state_dict(strict=True)` with a ComponentError that names what is missing, extra or mis-shaped."""
     from hcxserve.convert.errors import ComponentError, few
 
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = sorted(
-        f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    )
-    problems = [
-        f"{label}: {few(items)}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-        if items
-    ]
+    problems = [f"{label}: {few(items)}" for label, items in state_dict_mismatch(module, tensors).items() if items]
     if problems:
         raise ComponentError(f"{where}: weights do not match {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(tensors, strict=True)
