@@ -265,7 +265,7 @@ def render(runs: list[dict], args: argparse.Namespace, env: dict[str, str], comm
     lines = [
         "# Encoder throughput: adaptive batching vs batch size 1",
         "",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {machine()}",
         f"- BentoML {bentoml.__version__}; `bentoml serve benchmarks.encoder_bento:<Svc>` (the real service classes, "
         "one worker each); the two configurations run side by side and their rounds alternate",

@@ -88,7 +88,7 @@ class LLMClient:
             response = await self._client.post("/v1/chat/completions", json=body)
         if response.status_code != 200:
             raise _error_from_upstream(response.status_code, response.content)
-        return response.json()
+        return _json_object(response.content)
 
     async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yield vLLM's stream chunks as dicts. Errors before the first chunk raise; later ones too (the caller
@@ -113,11 +113,22 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]
         data = line[5:].strip()
         if data == "[DONE]":
             return
-        event = json.loads(data)
+        event = _json_object(data)
         if "error" in event:
             error = event["error"] or {}
             raise _error_from_upstream(int(error.get("code") or 500), json.dumps(event).encode())
         yield event
+
+
+def _json_object(data: str | bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        logger.error("LLM answered with something that is not a JSON object: %r", data[:200])
+        raise UpstreamError("The language model returned a malformed response.")
+    return payload
 
 
 @contextlib.contextmanager

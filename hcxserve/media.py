@@ -1,8 +1,9 @@
 """Fetching client media: http(s) URLs, `data:` URLs and bare base64, under the limits of `MediaConfig`.
 
 This is the only place that touches client URLs. It refuses non-http schemes (no `file://`, no `s3://` with the
-server's credentials), and by default any address that is not public (loopback, private, link-local, ...),
-re-checking every redirect hop, so a client cannot make the server probe its own network.
+server's credentials), and by default any address that is not public (loopback, private, link-local, multicast,
+and IPv6 forms that embed such an IPv4 address), re-checking every redirect hop, so a client cannot make the
+server probe its own network.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import binascii
 import io
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
@@ -22,6 +24,51 @@ from hcxserve.config import MediaConfig
 from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
 
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
+# `is_global` is True for these, yet none of them is a public unicast host a client may point us at
+_NOT_PUBLIC_V6 = (
+    ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed inside some networks)
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215)
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+
+
+async def resolve_host(host: str) -> list[str]:
+    """Every address `host` resolves to (the system resolver, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo client, NAT64): traffic to it
+    can end up at them."""
+    out = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        out.append(address.teredo[1])
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        out.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return out
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address that embeds no non-public IPv4 address."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if any(address in network for network in _NOT_PUBLIC_V6):
+            return False
+        return all(is_public_address(v4) for v4 in _embedded_ipv4(address))
+    return True
 
 
 @dataclass(frozen=True)
@@ -47,8 +94,13 @@ class FetchedMedia:
 
 
 class MediaFetcher:
-    def __init__(self, config: MediaConfig, client: httpx.AsyncClient | None = None) -> None:
+    """`client` and `resolver` are for tests: an in-process transport and a faked DNS."""
+
+    def __init__(
+        self, config: MediaConfig, client: httpx.AsyncClient | None = None, resolver: Resolver = resolve_host
+    ) -> None:
         self.config = config
+        self._resolve = resolver
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.fetch_timeout_s), follow_redirects=False, trust_env=False
         )
@@ -60,7 +112,10 @@ class MediaFetcher:
         """`max_bytes` defaults to the image limit."""
         ref = ref.strip()
         limit = max_bytes or self.config.max_image_bytes
-        scheme = urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
+        try:
+            scheme = urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            raise MediaError(f"{param}: malformed URL", param=param) from None
         if scheme == "data":
             return FetchedMedia(self._decode_data_url(ref, param, limit), "data_url")
         if scheme in ("http", "https"):
@@ -76,7 +131,8 @@ class MediaFetcher:
             raise PayloadTooLargeError(f"{param}: media is {size} bytes, over the limit of {limit}", param=param)
 
     def _decode_base64(self, text: str, param: str, limit: int) -> bytes:
-        self._check_size(len(text) * 3 // 4, param, limit)
+        text = text.rstrip("=")
+        self._check_size(len(text) * 3 // 4, param, limit)  # the decoded size, known before decoding
         try:
             data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         except (binascii.Error, ValueError):
@@ -105,12 +161,14 @@ class MediaFetcher:
         if not host:
             raise MediaError(f"{param}: URL has no host", param=param)
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except socket.gaierror:
+            addresses = [host] if _is_ip_literal(host) else await self._resolve(host)
+        except (socket.gaierror, UnicodeError):
             raise MediaError(f"{param}: cannot resolve host {host!r}", param=param, code="unreachable_url") from None
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%")[0])
-            if not address.is_global:
+        if not addresses:
+            raise MediaError(f"{param}: cannot resolve host {host!r}", param=param, code="unreachable_url")
+        for text in addresses:
+            address = ipaddress.ip_address(text.split("%")[0])
+            if not is_public_address(address):
                 raise MediaError(
                     f"{param}: URL host {host!r} resolves to a non-public address, which this server does not fetch",
                     param=param,
@@ -133,12 +191,14 @@ class MediaFetcher:
                             param=param,
                             code="unreachable_url",
                         )
-                    declared = int(response.headers.get("content-length") or 0)
-                    self._check_size(declared, param, limit)
+                    declared = response.headers.get("content-length", "")
+                    self._check_size(int(declared) if declared.isdigit() else 0, param, limit)
                     buffer = io.BytesIO()
                     async for chunk in response.aiter_bytes():
                         buffer.write(chunk)
                         self._check_size(buffer.tell(), param, limit)
+            except httpx.InvalidURL:
+                raise MediaError(f"{param}: malformed URL", param=param) from None
             except httpx.TimeoutException:
                 raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None
             except httpx.HTTPError as exc:

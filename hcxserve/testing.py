@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -11,6 +12,32 @@ import httpx
 import psutil
 
 from hcxserve.config import PROJECT_ROOT
+
+
+def nvidia_gpu_count() -> int:
+    """GPUs the NVIDIA driver reports (NVML, which BentoML's allocator reads too); 0 where there is no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return 0
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver (libnvidia-ml) on this machine
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def serve_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """Environment for a served bento in tests and benchmarks. BentoML's GPU allocation stays on where GPUs exist,
+    so placement is what production gets; without any it is turned off (it would hand out device indices that do
+    not exist)."""
+    env = {**(os.environ if base is None else base), "BENTOML_DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", **extra}
+    if nvidia_gpu_count() == 0:
+        env["BENTOML_DISABLE_GPU_ALLOCATION"] = "1"
+    return env
 
 
 def free_port() -> int:

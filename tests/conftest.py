@@ -47,6 +47,25 @@ def make_png(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str =
     return buffer.getvalue()
 
 
+def make_photo(width: int = 448, height: int = 336) -> bytes:
+    """A picture with shapes, edges and gradients (closer to a photo than a flat test card)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:height, 0:width]
+    sky = np.stack([90 + 60 * y / height, 140 + 40 * x / width, 200 - 50 * y / height], axis=-1)
+    image = Image.fromarray(sky.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width // 8, height // 8, width // 3, height // 3], fill=(250, 220, 60))
+    draw.rectangle([width // 2, height // 2, width - 20, height - 10], fill=(120, 60, 30))
+    draw.polygon(
+        [(width // 2, height // 2), (3 * width // 4, height // 4), (width - 20, height // 2)], fill=(170, 20, 20)
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def make_audio(
     seconds: float = 2.0, rate: int = 22050, fmt: str = "WAV", freq: float = 440.0, channels: int = 1
 ) -> bytes:

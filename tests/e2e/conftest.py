@@ -1,4 +1,5 @@
-"""A real multi-process `bentoml serve` of a track, on the embedded default model, for a test module."""
+"""A real multi-process `bentoml serve` of a track, on the embedded default model, for a test module; and the
+reference it is compared with: bare vLLM serving the unified checkpoint as a whole VLM."""
 
 from __future__ import annotations
 
@@ -8,20 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from hcxserve.testing import ServedProcess, free_port
+from hcxserve.config import PROJECT_ROOT, load_track_config
+from hcxserve.testing import ServedProcess, free_port, serve_env
+from hcxserve.vllm_args import vllm_server_command
 
 READY_TIMEOUT_S = float(os.environ.get("HCX_TEST_READY_TIMEOUT", 420))
+UNIFIED_TRACK_A = PROJECT_ROOT / "models" / "embedded" / "unified" / "track_a"
 
 
 def serve_bento(target: str, overrides: dict[str, str], log_path: Path) -> ServedProcess:
     port = free_port()
-    env = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "1",
-        "BENTOML_DISABLE_GPU_ALLOCATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HCX_OVERRIDES": " ".join(f"{k}={v}" for k, v in overrides.items()),
-    }
+    env = serve_env(HCX_OVERRIDES=" ".join(f"{k}={v}" for k, v in overrides.items()))
     return ServedProcess(
         [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--port", str(port)],
         env,
@@ -56,3 +54,24 @@ def track_b_server(track_b_model_dir, tmp_path_factory):
         tmp_path_factory.mktemp("logs") / "track_b.log",
         **{"media.max_audio_seconds": "20", "media.max_video_seconds": "20"},
     )
+
+
+@pytest.fixture(scope="module")
+def whole_vlm(track_a_model_dir, tmp_path_factory):
+    """vLLM serving the unified track A checkpoint as one VLM (its own vision tower and projector, images and
+    videos as pixels), with the engine settings of the bento's LLM: what the bento's answers must equal."""
+    if not (UNIFIED_TRACK_A / "config.json").exists():
+        pytest.fail(f"{UNIFIED_TRACK_A} is missing: run `make model` (the README's test command does)")
+    config = load_track_config("a", env={})
+    port = free_port()
+    server = ServedProcess(
+        vllm_server_command(config, model=str(UNIFIED_TRACK_A), port=port, embeds_only=False),
+        serve_env(**config.llm.env),
+        tmp_path_factory.mktemp("logs") / "whole_vlm.log",
+        url=f"http://127.0.0.1:{port}",
+    )
+    try:
+        server.wait_ready(f"{server.url}/health", READY_TIMEOUT_S)
+        yield server
+    finally:
+        server.stop()

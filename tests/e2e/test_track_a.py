@@ -7,7 +7,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import data_url, make_png
+from tests.conftest import data_url, make_photo, make_png, make_video
+from tests.e2e.helpers import CONTENT_CHANGE, SAME_INPUT, logprob_distance
 
 pytestmark = pytest.mark.e2e
 
@@ -72,11 +73,16 @@ def test_image_url_and_data_url_give_the_same_answer(client, media_server):
 
 
 def test_image_part_form_and_different_images_differ(client, media_server):
-    base, _ = media_server
-    red = ask(client, [user({"type": "image", "image": f"{base}/red.png"}, text("What colour dominates?"))])
-    blue = ask(client, [user({"type": "image", "image": f"{base}/blue.png"}, text("What colour dominates?"))])
-    assert red.choices[0].message.content and blue.choices[0].message.content
-    assert red.usage.prompt_tokens != blue.usage.prompt_tokens  # the 96x64 image has more patches
+    base, root = media_server
+    question = text("What colour dominates?")
+    options = {"logprobs": True, "top_logprobs": 5, "max_tokens": 4}
+    red = ask(client, [user({"type": "image", "image": f"{base}/red.png"}, question)], **options)
+    red_again = ask(client, [user(image_url(data_url((root / "red.png").read_bytes())), question)], **options)
+    green = make_png(64, 48, (20, 200, 20))  # the same size as red.png: the same prompt length, other pixels
+    other = ask(client, [user(image_url(data_url(green)), question)], **options)
+    assert red.usage.prompt_tokens == other.usage.prompt_tokens
+    assert logprob_distance(red, red_again) <= SAME_INPUT
+    assert logprob_distance(red, other) > CONTENT_CHANGE
 
 
 def test_two_images(client, media_server):
@@ -98,21 +104,64 @@ def test_video_url_and_frame_list(client, media_server):
     assert clip.usage.prompt_tokens > frames.usage.prompt_tokens > no_video.usage.prompt_tokens
 
 
-def test_multi_turn_with_system_prompt(client_a):
-    last_turn = {"role": "user", "content": "What is my name?"}
-    response = ask(
-        client_a,
-        [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "My name is Ada."},
-            {"role": "assistant", "content": "Nice to meet you, Ada!"},
-            last_turn,
-        ],
-    )
-    alone = ask(client_a, [last_turn], max_tokens=1)
+# The bento (VisionEncoder service -> embeddings -> vLLM applying the projector) against vLLM running the whole
+# unified VLM from pixels: the same answer proves the media's content, not just its shape, reaches the model through
+# the right tower, preprocessing and projector weights. The two towers are two implementations of the same fp32
+# network whose float sums differ in order, so greedy tokens may only part ways where the model itself is undecided.
+NEAR_TIE = 0.05  # nats: a top-2 gap this small may flip on float noise
+
+
+def same_generation(bento, reference) -> None:
+    assert bento.usage.prompt_tokens == reference.usage.prompt_tokens  # the same placeholder expansion
+    assert logprob_distance(reference, bento) <= SAME_INPUT
+    ours, theirs = bento.choices[0].logprobs.content, reference.choices[0].logprobs.content
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        if a.token != b.token:
+            gap = b.top_logprobs[0].logprob - b.top_logprobs[1].logprob
+            assert gap < NEAR_TIE, f"token {i}: {a.token!r} vs {b.token!r}, reference top-2 gap {gap:.4f}"
+            return
+
+
+@pytest.fixture(scope="module")
+def reference(whole_vlm):
+    return openai.OpenAI(base_url=f"{whole_vlm.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        image_url(data_url(make_photo(448, 336))),
+        {
+            "type": "video_url",
+            "video_url": {"url": data_url(make_video(seconds=2, fps=2, width=112, height=112), "video/mp4")},
+        },
+    ],
+    ids=["image", "video"],
+)
+def test_media_answers_equal_the_whole_vlm(client, reference, part):
+    messages = [user(part, text("Describe this in detail."))]
+    options = {"max_tokens": 16, "logprobs": True, "top_logprobs": 5}
+    same_generation(ask(client, messages, **options), ask(reference, messages, **options))
+
+
+def test_multi_turn_with_system_prompt(client_a, track_a_server):
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada!"},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    response = ask(client_a, messages)
     assert response.choices[0].message.content
-    # the system prompt and both history turns reached the model (each turn adds its ChatML frame and text)
-    assert response.usage.prompt_tokens >= alone.usage.prompt_tokens + 3 * 4
+    # every turn reached the model: the very prompt the LLM renders for the whole conversation sent to it directly
+    direct = openai.OpenAI(base_url=f"http://127.0.0.1:{track_a_server.llm_port}/v1", api_key="-", max_retries=0)
+    for dropped in (None, 0, 2):  # the whole conversation, then without the system prompt, the assistant turn
+        sent = [m for i, m in enumerate(messages) if i != dropped]
+        expected = ask(direct, sent, max_tokens=1, extra_body={"chat_template_kwargs": {"thinking": False}})
+        if dropped is None:
+            assert response.usage.prompt_tokens == expected.usage.prompt_tokens
+        else:
+            assert response.usage.prompt_tokens > expected.usage.prompt_tokens
 
 
 def test_reasoning_with_budget(client):

@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import data_url, make_audio, make_av_media, make_png, make_video
+from tests.e2e.helpers import CONTENT_CHANGE, SAME_INPUT, logprob_distance
 
 pytestmark = pytest.mark.e2e
 
@@ -105,16 +106,22 @@ def test_audio_forms_reach_the_model_identically(client, media_server):
     assert len({(r.usage.prompt_tokens, r.choices[0].message.content) for r in results}) == 1
 
 
-def test_mp3_differs_from_wav(client, media_server):
+def test_different_sounds_give_different_answers(client, media_server):
+    """The audio's content reaches the model: a 660-Hz MP3 is not heard as the 440-Hz WAV, and the same WAV sent
+    again is heard the same."""
     base, _ = media_server
-    wav = ask(client, [audio_ref(f"{base}/tone.wav"), text("Describe the sound.")], extra_body=NO_REASONING)
-    mp3 = ask(
+    options = {"extra_body": NO_REASONING, "logprobs": True, "top_logprobs": 5, "max_tokens": 4}
+    wav = ask(client, [audio_ref(f"{base}/tone.wav"), text("Describe the sound.")], **options)
+    wav_again = ask(
         client,
-        [{"type": "input_audio", "input_audio": {"data": f"{base}/tone.mp3", "format": "mp3"}}, text("Describe.")],
-        extra_body=NO_REASONING,
+        [{"type": "audio_url", "audio_url": {"url": f"{base}/tone.wav"}}, text("Describe the sound.")],
+        **options,
     )
+    mp3_part = {"type": "input_audio", "input_audio": {"data": f"{base}/tone.mp3", "format": "mp3"}}
+    mp3 = ask(client, [mp3_part, text("Describe the sound.")], **options)
     assert answer(mp3)
-    assert mp3.usage.prompt_tokens > 100 and wav.usage.prompt_tokens > 100
+    assert logprob_distance(wav, wav_again) <= SAME_INPUT
+    assert logprob_distance(wav, mp3) > CONTENT_CHANGE
 
 
 def test_m4a_audio_and_a_video_files_sound_track(client):
@@ -130,9 +137,16 @@ def test_m4a_audio_and_a_video_files_sound_track(client):
 
 def test_image_and_video(client, media_server):
     base, _ = media_server
-    image = ask(client, [image_url(f"{base}/red.png"), text("Describe the image.")], extra_body=NO_REASONING)
-    # an image is a TA-Tok block (16 codes in the embedded model) plus its continuous rows
-    assert answer(image) and image.usage.prompt_tokens > 16
+    options = {"extra_body": NO_REASONING, "logprobs": True, "top_logprobs": 5}
+    question = text("Describe the image.")
+    image = ask(client, [image_url(f"{base}/red.png"), question], **options)
+    no_image = ask(client, [question], **options)
+    # a 64x48 image: a TA-Tok block of 16 codes in the embedded model plus 4 continuous rows, with their markers
+    assert image.usage.prompt_tokens >= no_image.usage.prompt_tokens + 16 + 4
+    assert answer(image)
+    other = ask(client, [image_url(data_url(make_png(64, 48, (20, 200, 20)))), question], **options)
+    assert other.usage.prompt_tokens == image.usage.prompt_tokens
+    assert logprob_distance(image, other) > CONTENT_CHANGE
     video_part = {"type": "video_url", "video_url": {"url": f"{base}/clip.mp4"}}
     video = ask(client, [video_part, text("Describe.")], extra_body=NO_REASONING)
     assert answer(video) and video.usage.prompt_tokens > image.usage.prompt_tokens

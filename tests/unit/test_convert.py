@@ -397,20 +397,6 @@ def test_verify_catches_corrupted_output(think: FakeCheckpoint, tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["think"]  # nothing half-written is left
 
 
-def test_verify_catches_wrong_dtype_in_header(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
-    real = safetensors_io.build_header
-
-    def lying(tensors):  # claims F16 data for an F32 tensor; file sizes then disagree
-        return real(
-            [safetensors_io.OutTensor(t.name, t.src, "F16" if i == 0 else t.dtype) for i, t in enumerate(tensors)]
-        )
-
-    monkeypatch.setattr(safetensors_io, "build_header", lying)
-    with pytest.raises(hc.VerifyError):
-        hc.convert(think.root, tmp_path / "out", track="a", verify=True)
-    assert not (tmp_path / "out").exists()
-
-
 def test_cli_verify_ok(omni: FakeCheckpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         run_cli("-i", omni.root, "-o", tmp_path / "out", "-t", "b", "--verify", "--max-shard-size", "3KB", "-q") == 0
@@ -576,3 +562,150 @@ def test_copy_falls_back_when_copy_file_range_fails(think: FakeCheckpoint, tmp_p
     out = tmp_path / "out"
     hc.convert(think.root, out, track="a", verify=True)
     assert_component(out, "llm", think)
+
+
+# ------------------------------------------------------------------------------------ --verify on an output
+# Each test converts, then damages the output the way a bad disk, a bad copy or a buggy writer would, and runs the
+# CLI again with --verify (the output is up to date, so this re-verifies it in place). Verify must name the damage.
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Edit a safetensors file's JSON header in place; the header keeps its length (padded with spaces)."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        edit(header)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= size, "the edit must not lengthen the header"
+        f.seek(8)
+        f.write(text.ljust(size))
+
+
+def _converted(ckpt: FakeCheckpoint, out: Path, *extra: str) -> None:
+    assert run_cli("-i", ckpt.root, "-o", out, "-t", ckpt.track, "-q", *extra) == 0
+
+
+def _verify_fails(ckpt: FakeCheckpoint, out: Path, capsys, match: str, *extra: str) -> None:
+    capsys.readouterr()
+    assert run_cli("-i", ckpt.root, "-o", out, "-t", ckpt.track, "-q", "--verify", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err, err
+
+
+def _a_tensor(header: dict) -> str:
+    return sorted(k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32")[0]
+
+
+def test_verify_passes_on_an_intact_output(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(think, tmp_path / "out")
+    capsys.readouterr()
+    assert run_cli("-i", think.root, "-o", tmp_path / "out", "-t", "a", "--verify") == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_verify_catches_changed_content(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(think, tmp_path / "out")
+    shard = tmp_path / "out" / "ve" / "model.safetensors"
+    with open(shard, "r+b") as f:  # one bit in the last tensor's data
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    _verify_fails(think, tmp_path / "out", capsys, "content differs from input tensor")
+
+
+def test_verify_catches_a_wrong_dtype_in_a_readable_header(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(think, tmp_path / "out")
+    names = []
+
+    def retype(header):  # F32 -> I32: the same size, so the file still parses
+        names.append(_a_tensor(header))
+        header[names[0]]["dtype"] = "I32"
+
+    _rewrite_header(tmp_path / "out" / "ve" / "model.safetensors", retype)
+    _verify_fails(think, tmp_path / "out", capsys, f"ve: {names[0]}: dtype I32, expected F32")
+
+
+def test_verify_catches_a_wrong_shape(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(think, tmp_path / "out")
+    names = []
+
+    def reshape(header):  # the same number of elements, another shape
+        name = sorted(k for k in header if k != "__metadata__" and len(header[k]["shape"]) == 2)[0]
+        names.append(name)
+        rows, cols = header[name]["shape"]
+        header[name]["shape"] = [cols, rows] if rows != cols else [rows * cols, 1]
+
+    _rewrite_header(tmp_path / "out" / "ve" / "model.safetensors", reshape)
+    _verify_fails(think, tmp_path / "out", capsys, f"ve: {names[0]}: shape")
+
+
+def test_verify_catches_a_renamed_tensor(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(think, tmp_path / "out")
+
+    def rename(header):
+        name = _a_tensor(header)
+        header[name[:-1] + ("X" if name[-1] != "X" else "Y")] = header.pop(name)
+
+    _rewrite_header(tmp_path / "out" / "ve" / "model.safetensors", rename)
+    _verify_fails(think, tmp_path / "out", capsys, "ve: tensor names differ (missing: ")
+
+
+def test_verify_catches_a_tensor_in_the_wrong_shard(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(omni, tmp_path / "out", "-c", "ae", "--max-shard-size", "4096B")
+    index_path = tmp_path / "out" / "ae" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    files = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == files[0])
+    index["weight_map"][name] = files[1]
+    index_path.write_text(json.dumps(index))
+    _verify_fails(omni, tmp_path / "out", capsys, "ae: tensors are not in the planned weight files", "-c", "ae",
+                  "--max-shard-size", "4096B")  # fmt: skip
+
+
+def test_verify_catches_a_wrong_total_size(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(omni, tmp_path / "out", "-c", "ae", "--max-shard-size", "4096B")
+    index_path = tmp_path / "out" / "ae" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["metadata"]["total_size"] += 1
+    index_path.write_text(json.dumps(index))
+    _verify_fails(omni, tmp_path / "out", capsys, "ae/model.safetensors.index.json: total_size is not", "-c", "ae",
+                  "--max-shard-size", "4096B")  # fmt: skip
+
+
+@pytest.mark.parametrize("side_file", ["tokenizer.json", "chat_template.jinja", "preprocessor_config.json"])
+def test_verify_catches_a_changed_side_file(think: FakeCheckpoint, tmp_path: Path, capsys, side_file: str) -> None:
+    _converted(think, tmp_path / "out")
+    path = tmp_path / "out" / "llm" / side_file
+    path.write_text(path.read_text() + " ")
+    _verify_fails(think, tmp_path / "out", capsys, f"llm/{side_file} differs from the input file")
+
+
+def test_verify_catches_a_changed_decoder_file(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(omni, tmp_path / "out")
+    path = tmp_path / "out" / "vd" / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    _verify_fails(omni, tmp_path / "out", capsys, "vd/transformer/diffusion_pytorch_model.safetensors differs")
+
+
+def test_verify_catches_an_extra_file_in_a_decoder_tree(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(omni, tmp_path / "out")
+    (tmp_path / "out" / "ad" / "stray.bin").write_bytes(b"x")
+    _verify_fails(omni, tmp_path / "out", capsys, "ad: copied file list differs")
+
+
+def test_verify_catches_a_missing_config(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    from hcxserve.convert import converter
+
+    real = converter.write_json
+
+    def skipping(path: Path, data) -> None:
+        if not (path.name == "config.json" and path.parent.name == "ve"):
+            real(path, data)
+
+    monkeypatch.setattr(converter, "write_json", skipping)
+    with pytest.raises(hc.VerifyError, match="ve/config.json is missing"):
+        hc.convert(think.root, tmp_path / "out", track="a", verify=True)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,280 @@
+"""The gateway's HTTP API in-process, over fake components.
+
+Tests at this seam drive the real ASGI app with an HTTP client and assert on what the client gets back and on the
+exact JSON body the LLM (vLLM's OpenAI server) receives. This module is the only place that knows how a gateway is
+assembled: a restructuring of the gateway changes this file, not the tests.
+
+Fakes:
+- `FakeLLM`: vLLM's OpenAI server. Records every request body; answers with a programmed completion, stream,
+  HTTP error or transport failure.
+- `FakeVisionEncoder` / `FakeAudioEncoder`: the encoder services' `encode*` methods. Record what they are given;
+  return well-formed embeddings (or programmed refusals, malformed rows, exceptions).
+- `FakeWeb`: the internet for media URLs, in-process (an httpx mock transport plus a faked DNS resolver), so the
+  SSRF guard stays on and no test sends traffic anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.testclient import TestClient
+
+from hcxserve.audio_inputs import AudioInputs
+from hcxserve.config import load_track_config
+from hcxserve.llm_client import LLMClient
+from hcxserve.media import MediaFetcher
+from hcxserve.models.vision_spec import VisionTowerSpec
+from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, VisionEmbedding, VisionEncoding
+from hcxserve.serving import ChatCompletionServing
+from hcxserve.visual_inputs import VisualInputs
+from services.gateway import build_openai_app
+
+WIDTH = 8  # embedding width of the fake encoders (the spec the gateway checks against)
+PUBLIC_IP = "93.184.216.34"  # what FakeWeb's resolver answers for any host it is not told about; never contacted
+
+
+def completion(content: str | None = "Paris.", **message: Any) -> dict[str, Any]:
+    """A vLLM chat completion (non-streaming) with one choice."""
+    return {
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "served-name-upstream",
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content, **message}}
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
+    }
+
+
+def chunk(delta: dict[str, Any] | None = None, *, finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A vLLM stream chunk with one choice."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+    return {
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "served-name-upstream",
+        "choices": choices,
+        **extra,
+    }
+
+
+def sse(*events: dict[str, Any] | str) -> str:
+    return "".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+
+class FakeLLM:
+    """vLLM's OpenAI server. Program it with `reply` (JSON), `stream` (SSE text), `status`/`error_body` or
+    `failure` (an httpx exception raised instead of answering)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply: dict[str, Any] = completion()
+        self.stream: str | None = None
+        self.status = 200
+        self.error_body: dict[str, Any] | None = None
+        self.failure: Exception | None = None
+        self.health_status = 200
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            if self.failure is not None:
+                raise self.failure
+            return httpx.Response(self.health_status)
+        assert request.url.path == "/v1/chat/completions", request.url
+        self.requests.append(json.loads(request.content))
+        if self.failure is not None:
+            raise self.failure
+        if self.status != 200:
+            return httpx.Response(self.status, json=self.error_body or {"error": {"message": "upstream says no"}})
+        if self.requests[-1].get("stream"):
+            text = self.stream if self.stream is not None else sse(chunk({"role": "assistant", "content": "Paris."}))
+            return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=copy.deepcopy(self.reply))
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The one request body received."""
+        assert len(self.requests) == 1, f"{len(self.requests)} requests reached the LLM"
+        return self.requests[0]
+
+
+def _vision_embedding(i: int, grid: tuple[int, int, int], codes: list[int] | None, tag: str) -> VisionEncoding:
+    t, h, w = grid
+    return VisionEncoding(
+        embedding=VisionEmbedding(
+            embeds_b64=f"{tag}{i}",
+            rows=t * h * w // 4,
+            dim=WIDTH,
+            dtype="torch.float32",
+            grid_thw=grid,
+            discrete_codes=codes,
+        )
+    )
+
+
+@dataclass
+class FakeVisionEncoder:
+    """The VisionEncoder service. `image_results` / `video_results`, when set, replace the answers (a list, or a
+    function of the inputs); `error` is raised instead of answering."""
+
+    discrete: bool = False
+    image_grid: tuple[int, int, int] = (1, 4, 4)
+    video_grid: tuple[int, int, int] = (2, 4, 4)
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
+    calls: int = 0
+    image_results: Callable[[list], list] | None = None
+    video_results: Callable[[list], list] | None = None
+    error: Exception | None = None
+
+    async def encode(self, items: list) -> list[VisionEncoding]:
+        self.calls += 1
+        self.images.extend(items)
+        if self.error is not None:
+            raise self.error
+        if self.image_results is not None:
+            return self.image_results(items)
+        codes = [7, 8, 9] if self.discrete else None
+        return [
+            _vision_embedding(len(self.images) - len(items) + i, self.image_grid, codes, "IMG")
+            for i in range(len(items))
+        ]
+
+    async def encode_videos(self, items: list) -> list[VisionEncoding]:
+        self.calls += 1
+        self.videos.extend(items)
+        if self.error is not None:
+            raise self.error
+        if self.video_results is not None:
+            return self.video_results(items)
+        return [
+            _vision_embedding(len(self.videos) - len(items) + i, self.video_grid, None, "VID")
+            for i in range(len(items))
+        ]
+
+
+def audio_encoding(tag: str = "AUD0", rows: int = 3, dim: int = WIDTH, codes: list[int] | None = None) -> AudioEncoding:
+    return AudioEncoding(
+        embedding=AudioEmbedding(
+            embeds_b64=tag,
+            rows=rows,
+            dim=dim,
+            dtype="torch.float32",
+            discrete_codes=[4, 5, 6] if codes is None else codes,
+            duration_s=0.12,
+        )
+    )
+
+
+@dataclass
+class FakeAudioEncoder:
+    clips: list[Any] = field(default_factory=list)
+    calls: int = 0
+    results: Callable[[list], list] | None = None
+    error: Exception | None = None
+
+    async def encode(self, items: list) -> list[AudioEncoding]:
+        self.calls += 1
+        self.clips.extend(items)
+        if self.error is not None:
+            raise self.error
+        if self.results is not None:
+            return self.results(items)
+        return [audio_encoding(f"AUD{len(self.clips) - len(items) + i}") for i in range(len(items))]
+
+
+class FakeWeb:
+    """Media URLs served in-process. `pages[url]` is bytes (200), an `httpx.Response`, or an exception to raise;
+    `dns[host]` is the list of addresses the faked resolver returns (default: one public address)."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, Any] = {}
+        self.dns: dict[str, list[str]] = {}
+        self.fetched: list[str] = []
+        self.resolved: list[str] = []
+
+    def redirect(self, url: str, to: str, status: int = 302) -> None:
+        self.pages[url] = httpx.Response(status, headers={"location": to})
+
+    async def resolve(self, host: str) -> list[str]:
+        self.resolved.append(host)
+        return list(self.dns.get(host, [PUBLIC_IP]))
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        self.fetched.append(url)
+        page = self.pages.get(url)
+        if page is None:
+            return httpx.Response(404, text="not found")
+        if isinstance(page, Exception):
+            raise page
+        if isinstance(page, httpx.Response):
+            return httpx.Response(page.status_code, headers=page.headers, content=page.content)
+        return httpx.Response(200, content=page)
+
+    def fetcher(self, media_config) -> MediaFetcher:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(self), follow_redirects=False)
+        return MediaFetcher(media_config, client=client, resolver=self.resolve)
+
+
+@dataclass
+class Gateway:
+    """One track's gateway app and its fakes; `http` is the in-process HTTP client."""
+
+    track: str
+    http: TestClient
+    llm: FakeLLM
+    vision: FakeVisionEncoder
+    audio: FakeAudioEncoder
+    web: FakeWeb
+    config: Any
+
+    @property
+    def prefix(self) -> str:
+        return self.config.gateway.route_prefixes[0]
+
+    def chat(self, body: dict[str, Any], prefix: str | None = None, **kwargs: Any) -> httpx.Response:
+        return self.http.post(f"{prefix or self.prefix}/chat/completions", json=body, **kwargs)
+
+    def stream(self, body: dict[str, Any]) -> list[dict[str, Any] | str]:
+        """The SSE events of a streamed request: decoded JSON objects, and "[DONE]"."""
+        response = self.chat({**body, "stream": True})
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = []
+        for block in response.text.split("\n\n"):
+            if block:
+                assert block.startswith("data: "), block
+                data = block[6:]
+                events.append(data if data == "[DONE]" else json.loads(data))
+        return events
+
+
+@contextmanager
+def gateway(track: str = "a", **overrides: Any) -> Iterator[Gateway]:
+    """A running gateway of `track` over fakes; `overrides` are config keys (`media.max_images_per_request=2`)."""
+    env = {"HCX_OVERRIDES": " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in overrides.items())}
+    config = load_track_config(track, env=env)
+    llm, web = FakeLLM(), FakeWeb()
+    spec = VisionTowerSpec(out_hidden_size=WIDTH, spatial_merge_size=2, discrete=config.audio_encoder is not None)
+    vision, audio = FakeVisionEncoder(discrete=spec.discrete), FakeAudioEncoder()
+    fetcher = web.fetcher(config.media)
+    visual_inputs = VisualInputs(
+        config.media, fetcher=fetcher, spec=spec, encode_images=vision.encode, encode_videos=vision.encode_videos
+    )
+    audio_inputs = None
+    if config.audio_encoder is not None:
+        audio_inputs = AudioInputs(config.media, fetcher=fetcher, embed_dim=WIDTH, encode_audio=audio.encode)
+    llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
+    serving = ChatCompletionServing(config, llm=llm_client, visual_inputs=visual_inputs, audio_inputs=audio_inputs)
+    app = build_openai_app(config, lambda: serving)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        yield Gateway(track, http, llm, vision, audio, web, config)

@@ -1,0 +1,225 @@
+"""Refusals and failures as the client sees them: status, OpenAI error object, nothing internal, and whether the
+request reached the LLM."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.api.harness import chunk, gateway, sse
+
+TRACKS = ["a", "b"]
+
+
+def hi(**fields):
+    return {"messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in response.text
+    return error
+
+
+@pytest.mark.parametrize("track", TRACKS)
+def test_unknown_model_is_a_404_naming_the_served_one(track):
+    with gateway(track) as gw:
+        error = error_of(gw.chat(hi(model="gpt-4o")), 404)
+        assert gw.llm.requests == []
+    assert error["param"] == "model" and error["code"] == "model_not_found"
+    assert "gpt-4o" in error["message"] and gw.config.llm.served_model_name in error["message"]
+
+
+def test_n_limit():
+    with gateway(**{"gateway.max_n": 3}) as gw:
+        assert gw.chat(hi(n=3)).status_code == 200
+        error = error_of(gw.chat(hi(n=4)), 400)
+        assert error["param"] == "n" and "3" in error["message"]
+        assert len(gw.llm.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "hologram", "hologram": "x"}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+        (hi(temperature="warm"), "temperature"),
+        (hi(top_logprobs=21), "top_logprobs"),
+        (hi(stream_options={"include_usage": "maybe"}), "stream_options.include_usage"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]},
+            "messages[0].content[0].image_url.url",
+        ),
+    ],
+)
+def test_invalid_fields_are_named(body, param):
+    with gateway() as gw:
+        error = error_of(gw.chat(body), 400)
+        assert gw.llm.requests == []
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b""])
+def test_a_body_that_is_not_json(content):
+    with gateway() as gw:
+        error = error_of(gw.http.post("/v1/chat/completions", content=content), 400)
+    assert error["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("content", [b"[]", b'"hi"', b"null", b"3"])
+def test_a_json_body_that_is_not_an_object(content):
+    with gateway() as gw:
+        error = error_of(gw.http.post("/v1/chat/completions", content=content), 400)
+    assert error["code"] == "invalid_json" and "object" in error["message"]
+
+
+# The body limit follows the media limits (inline media inflate by 4/3) plus 8 MiB for text: these overrides make
+# it 8 MiB + 4 bytes.
+TINY_MEDIA = {
+    "media.max_images_per_request": 1,
+    "media.max_image_bytes": 1,
+    "media.max_videos_per_request": 1,
+    "media.max_video_bytes": 1,
+    "media.max_audios_per_request": 1,
+    "media.max_audio_bytes": 1,
+}
+BODY_LIMIT = (8 << 20) + 4
+
+
+def padded(size: int) -> bytes:
+    body = json.dumps(hi(user="")).encode()
+    return body.replace(b'"user": ""', b'"user": "' + b"x" * (size - len(body)) + b'"')
+
+
+@pytest.mark.parametrize("track", TRACKS)
+def test_request_body_limit(track):
+    with gateway(track, **TINY_MEDIA) as gw:
+        at_limit, over = padded(BODY_LIMIT), padded(BODY_LIMIT + 1)
+        assert len(at_limit) == BODY_LIMIT
+        assert gw.http.post("/v1/chat/completions", content=at_limit).status_code == 200
+        error = error_of(gw.http.post("/v1/chat/completions", content=over), 413)
+        assert error["code"] == "payload_too_large"
+        # without a Content-Length (chunked), the limit holds all the same
+        chunked = gw.http.post("/v1/chat/completions", content=iter([over[: 1 << 20], over[1 << 20 :]]))
+        error_of(chunked, 413)
+        assert len(gw.llm.requests) == 1
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading():
+    with gateway(**TINY_MEDIA) as gw:
+        headers = {"content-length": str(BODY_LIMIT + 1)}
+        response = gw.http.post("/v1/chat/completions", content=b"{}", headers=headers)
+    # the server answers from the header alone; the body the client then sends is never read
+    assert response.status_code == 413
+
+
+# ---------------------------------------------------------------------------------------------- the LLM's answers
+@pytest.mark.parametrize("stream", [False, True])
+def test_llm_4xx_becomes_a_400_with_its_message(stream):
+    with gateway() as gw:
+        gw.llm.status, gw.llm.error_body = 400, {"error": {"message": "This model's maximum context length is 4096"}}
+        error = error_of(gw.chat(hi(stream=stream)), 400)
+    assert "maximum context length" in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_llm_4xx_without_a_message():
+    with gateway() as gw:
+        gw.llm.status, gw.llm.error_body = 422, {"detail": ""}
+        error = error_of(gw.chat(hi()), 400)
+    assert "422" in error["message"]
+
+
+def test_llm_detail_field_is_read():
+    with gateway() as gw:
+        gw.llm.status, gw.llm.error_body = 400, {"detail": "bad thing"}
+        assert error_of(gw.chat(hi()), 400)["message"] == "bad thing"
+
+
+def test_llm_404_is_a_404():
+    with gateway() as gw:
+        gw.llm.status, gw.llm.error_body = 404, {"error": {"message": "The model `x` does not exist."}}
+        error = error_of(gw.chat(hi()), 404)
+    assert "does not exist" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_llm_503_is_a_503(stream):
+    with gateway() as gw:
+        gw.llm.status = 503
+        error = error_of(gw.chat(hi(stream=stream)), 503)
+    assert error["type"] == "service_unavailable" and "retry" in error["message"]
+
+
+@pytest.mark.parametrize("status", [500, 502])
+def test_llm_5xx_is_a_502_without_internals(status):
+    with gateway() as gw:
+        gw.llm.status, gw.llm.error_body = status, {"error": {"message": "CUDA error at /secret/path.py"}}
+        error = error_of(gw.chat(hi()), 502)
+    assert "secret" not in error["message"] and "CUDA" not in error["message"]
+    assert error["type"] == "upstream_error"
+
+
+def test_llm_answering_garbage_is_a_502():
+    with gateway() as gw:
+        gw.llm.reply = None  # not a completion at all
+        error_of(gw.chat(hi()), 502)
+        gw.llm.stream = "data: {not json\n\n"
+        error_of(gw.chat(hi(stream=True)), 502)
+        gw.llm.stream = sse(chunk({"content": "a"}), "[1, 2]")
+        events = gw.stream(hi())
+    assert events[1]["error"]["type"] == "upstream_error" and events[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [(httpx.ConnectError("refused"), 503), (httpx.ReadTimeout("slow"), 504), (httpx.RemoteProtocolError("x"), 503)],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_transport_failures(failure, status, stream):
+    with gateway() as gw:
+        gw.llm.failure = failure
+        error = error_of(gw.chat(hi(stream=stream)), status)
+    assert "refused" not in error["message"]
+
+
+def test_a_failure_after_the_stream_started_is_an_error_event_then_done():
+    with gateway() as gw:
+        gw.llm.stream = sse(
+            chunk({"content": "Pa"}), json.dumps({"error": {"message": "engine died at /x.py", "code": 500}})
+        )
+        events = gw.stream(hi())
+    assert events[0]["choices"][0]["delta"]["content"] == "Pa"
+    error = events[1]["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "upstream_error" and "engine died" not in error["message"]
+    assert events[2:] == ["[DONE]"]
+
+
+def test_a_client_error_reported_inside_the_stream_keeps_its_message():
+    with gateway() as gw:
+        gw.llm.stream = sse(json.dumps({"error": {"message": "bad logits processor", "code": 400}}))
+        response = gw.chat(hi(stream=True))
+    # it came before any chunk, so it is still a proper status
+    assert error_of(response, 400)["message"] == "bad logits processor"
+
+
+def test_an_error_event_without_a_code_is_a_502():
+    with gateway() as gw:
+        gw.llm.stream = sse(chunk({"content": "a"}), json.dumps({"error": None}))
+        events = gw.stream(hi())
+    assert events[1]["error"]["type"] == "upstream_error"
+
+
+def test_unhandled_errors_are_a_500_envelope_without_internals():
+    with gateway() as gw:
+        gw.llm.reply = {"choices": [{"message": {"tool_calls": [{"bogus": "/secret/path.py"}]}}]}
+        error = error_of(gw.chat(hi()), 500)
+    assert error["code"] == "internal_error" and "secret" not in error["message"]

@@ -1,0 +1,434 @@
+"""Images, videos and audio in a request: what the encoders are given, what reaches vLLM, and every limit and
+refusal (status, `param`, nothing reaching the LLM)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from hcxserve.protocol.payloads import AudioEncoding, VisionEncoding
+from tests.api.harness import audio_encoding, gateway
+from tests.conftest import data_url, make_audio, make_png
+
+PNG = make_png()
+WAV = make_audio(0.5)
+
+
+def user(*parts):
+    return {"messages": [{"role": "user", "content": list(parts)}]}
+
+
+def text(value="?"):
+    return {"type": "text", "text": value}
+
+
+def image_url(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def video_url(url, **options):
+    return {"type": "video_url", "video_url": {"url": url}, **options}
+
+
+def input_audio(data, fmt="wav"):
+    return {"type": "input_audio", "input_audio": {"data": data, "format": fmt}}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def refused(response, status, param, code=None):
+    """A refusal: the status, an OpenAI error object naming `param`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+    assert error["type"] == ("upstream_error" if status == 502 else "invalid_request_error")
+    return error
+
+
+# ---------------------------------------------------------------------------------------------- images
+def test_every_image_form_reaches_the_encoder_and_vllm_in_place():
+    other = make_png(32, 32, (0, 200, 0))
+    with gateway() as gw:
+        gw.web.pages["https://img.test/red.png"] = PNG
+        response = gw.chat(
+            {
+                "messages": [
+                    {"role": "user", "content": [text("compare"), image_url("https://img.test/red.png")]},
+                    {"role": "assistant", "content": "ok"},
+                    {
+                        "role": "user",
+                        "content": [
+                            image_url(data_url(other)),
+                            {"type": "image", "image": data_url(PNG)},
+                            {"type": "image_url", "image_url": "https://img.test/red.png"},  # a bare URL string
+                            text("and?"),
+                        ],
+                    },
+                ]
+            }
+        )
+        assert response.status_code == 200, response.text
+        assert [item.data for item in gw.vision.images] == [PNG, other, PNG, PNG]
+        assert gw.vision.calls == 1  # one batched call for the request
+        sent = gw.llm.body["messages"]
+    assert sent[0]["content"] == [
+        {"type": "text", "text": "compare"},
+        {"type": "image_embeds", "image_embeds": {"image_embeds": "IMG0", "image_grid_thw": [1, 4, 4]}},
+    ]
+    assert sent[1] == {"role": "assistant", "content": "ok"}
+    assert [p.get("image_embeds", {}).get("image_embeds") for p in sent[2]["content"]] == ["IMG1", "IMG2", "IMG3", None]
+    assert sent[2]["content"][3] == {"type": "text", "text": "and?"}
+
+
+def test_track_b_images_carry_their_discrete_codes():
+    with gateway("b") as gw:
+        gw.chat(user(image_url(data_url(PNG))))
+        (part,) = gw.llm.body["messages"][0]["content"]
+    assert part == {
+        "type": "image_embeds",
+        "image_embeds": {"image_embeds": "IMG0", "image_grid_thw": [1, 4, 4], "discrete_image_codes": [7, 8, 9]},
+    }
+
+
+def test_image_count_limit_counts_the_whole_conversation():
+    image = image_url(data_url(PNG))
+    with gateway(**{"media.max_images_per_request": 2}) as gw:
+        assert gw.chat(user(image, image)).status_code == 200
+        turns = {"messages": [{"role": "user", "content": [image, image]}, {"role": "user", "content": [image]}]}
+        error = refused(gw.chat(turns), 400, "messages", "too_many_images")
+        assert "3" in error["message"] and "2" in error["message"]
+        assert len(gw.llm.requests) == 1 and len(gw.vision.images) == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "status", "code"),
+    [
+        (b"definitely not an image", {}, 400, "invalid_media"),
+        (make_png(3, 40), {}, 400, "invalid_media"),  # smaller than min_image_side
+        (make_png(100, 100), {"media.max_image_pixels": 9999}, 413, "payload_too_large"),
+        (make_png(100, 100), {"media.max_image_bytes": 100}, 413, "payload_too_large"),
+    ],
+)
+@pytest.mark.parametrize("by_url", [False, True])
+def test_bad_images_are_refused_before_any_encoder_work(data, overrides, status, code, by_url):
+    with gateway(**overrides) as gw:
+        gw.web.pages["https://img.test/x.png"] = data
+        ref = "https://img.test/x.png" if by_url else data_url(data)
+        refused(gw.chat(user(text(), image_url(ref))), status, "messages[0].content[1]", code)
+        assert gw.vision.calls == 0 and gw.llm.requests == []
+
+
+def test_minimum_image_side_is_inclusive():
+    with gateway(**{"media.min_image_side": 4}) as gw:
+        assert gw.chat(user(image_url(data_url(make_png(4, 4))))).status_code == 200
+        refused(gw.chat(user(image_url(data_url(make_png(4, 3))))), 400, "messages[0].content[0]")
+
+
+def test_pixel_limit_is_inclusive():
+    with gateway(**{"media.max_image_pixels": 100 * 50}) as gw:
+        assert gw.chat(user(image_url(data_url(make_png(100, 50))))).status_code == 200
+        refused(gw.chat(user(image_url(data_url(make_png(101, 50))))), 413, "messages[0].content[0]")
+
+
+@pytest.mark.parametrize(("status", "expected"), [(400, 400), (413, 413)])
+def test_an_encoder_refusal_names_the_part_and_keeps_its_status(status, expected):
+    with gateway() as gw:
+        gw.vision.image_results = lambda items: [VisionEncoding(error="the image data is truncated", status=status)]
+        error = refused(gw.chat(user(text(), image_url(data_url(PNG)))), expected, "messages[0].content[1]")
+        assert "truncated" in error["message"] and gw.llm.requests == []
+
+
+def test_an_encoder_result_without_embedding_or_error_is_a_client_error():
+    with gateway() as gw:
+        gw.vision.image_results = lambda items: [VisionEncoding() for _ in items]
+        error = refused(gw.chat(user(image_url(data_url(PNG)))), 400, "messages[0].content[0]")
+        assert "could not be encoded" in error["message"]
+
+
+def test_encoder_failure_is_a_502_without_internals():
+    with gateway() as gw:
+        gw.vision.error = RuntimeError("CUDA error at /secret/path.py:12")
+        error = refused(gw.chat(user(image_url(data_url(PNG)))), 502, None)
+        assert "secret" not in error["message"] and "CUDA" not in error["message"]
+        assert gw.llm.requests == []
+
+
+def test_wrong_number_of_encoder_results_is_a_502():
+    with gateway() as gw:
+        gw.vision.image_results = lambda items: []
+        refused(gw.chat(user(image_url(data_url(PNG)))), 502, None)
+        assert gw.llm.requests == []
+
+
+def _tamper(field, value):
+    def results(items):
+        from tests.api.harness import _vision_embedding
+
+        out = [_vision_embedding(i, (1, 4, 4), None, "IMG") for i in range(len(items))]
+        setattr(out[0].embedding, field, value(getattr(out[0].embedding, field)))
+        return out
+
+    return results
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rows", lambda rows: rows + 1),  # rows disagree with the grid: vLLM's engine would die
+        ("rows", lambda rows: rows - 1),
+        ("dim", lambda dim: dim + 1),  # the wrong width
+        ("grid_thw", lambda grid: (1, 4, 8)),  # a grid that does not match the rows
+        ("discrete_codes", lambda codes: [1, 2]),  # track A's encoder has no discrete codes
+    ],
+)
+def test_malformed_encoder_output_never_reaches_the_llm(field, value):
+    with gateway() as gw:
+        gw.vision.image_results = _tamper(field, value)
+        error = refused(gw.chat(user(image_url(data_url(PNG)))), 502, None)
+        assert error["message"] == "The vision encoder returned malformed features."
+        assert gw.llm.requests == []
+
+
+def test_track_b_image_without_codes_never_reaches_the_llm():
+    with gateway("b") as gw:
+        gw.vision.image_results = _tamper("discrete_codes", lambda codes: None)
+        refused(gw.chat(user(image_url(data_url(PNG)))), 502, None)
+        assert gw.llm.requests == []
+
+
+# ---------------------------------------------------------------------------------------------- videos
+@pytest.mark.parametrize("track", ["a", "b"])
+def test_video_file_by_url_and_data_url(track):
+    with gateway(track) as gw:
+        gw.web.pages["https://vid.test/clip.mp4"] = b"mp4 bytes"
+        response = gw.chat(
+            user(video_url("https://vid.test/clip.mp4"), video_url(data_url(b"webm", "video/webm")), text())
+        )
+        assert response.status_code == 200, response.text
+        assert [v.data for v in gw.vision.videos] == [b"mp4 bytes", b"webm"]
+        assert all(v.frames is None for v in gw.vision.videos)
+        parts = gw.llm.body["messages"][0]["content"]
+    assert parts[0] == {"type": "video_embeds", "video_embeds": {"video_embeds": "VID0", "video_grid_thw": [2, 4, 4]}}
+    assert parts[1]["video_embeds"]["video_embeds"] == "VID1" and parts[2] == {"type": "text", "text": "?"}
+
+
+@pytest.mark.parametrize(
+    ("client", "expected_fps", "expected_pixels"),
+    [
+        ({}, 2.0, 12544),  # the server's budget
+        ({"fps": 1.0, "max_pixels": 1000}, 1.0, 1000),  # a client may ask for less
+        ({"fps": 20.0, "max_pixels": 10**9}, 2.0, 12544),  # never more
+    ],
+)
+def test_video_options_are_capped_by_the_server(client, expected_fps, expected_pixels):
+    with gateway(**{"media.video_fps": 2.0, "media.video_max_pixels": 12544}) as gw:
+        frames = [data_url(PNG)] * 2
+        gw.chat(user(video_url(data_url(b"mp4", "video/mp4"), **client), {"type": "video", "video": frames, **client}))
+        assert [(v.fps, v.max_pixels) for v in gw.vision.videos] == [(expected_fps, expected_pixels)] * 2
+
+
+def test_frame_list_video():
+    frames = [make_png(16, 16, (k * 40, 0, 0)) for k in range(3)]
+    with gateway() as gw:
+        gw.web.pages["https://img.test/f0.png"] = frames[0]
+        refs = ["https://img.test/f0.png", data_url(frames[1]), data_url(frames[2])]
+        assert gw.chat(user({"type": "video", "video": refs})).status_code == 200
+        (video,) = gw.vision.videos
+    assert video.frames == frames and video.data is None
+    assert gw.llm.body["messages"][0]["content"][0]["type"] == "video_embeds"
+
+
+def test_a_video_given_as_a_url_string_in_a_video_part():
+    with gateway() as gw:
+        gw.chat(user({"type": "video", "video": data_url(b"mp4", "video/mp4")}))
+        assert gw.vision.videos[0].data == b"mp4"
+
+
+def test_a_bad_frame_is_named():
+    with gateway() as gw:
+        frames = [data_url(PNG), data_url(b"not an image")]
+        refused(gw.chat(user(text(), {"type": "video", "video": frames})), 400, "messages[0].content[1].video[1]")
+        assert gw.vision.calls == 0
+
+
+def test_frame_list_length_limit():
+    with gateway(**{"media.max_video_frames_given": 3}) as gw:
+        assert gw.chat(user({"type": "video", "video": [data_url(PNG)] * 3})).status_code == 200
+        error = refused(
+            gw.chat(user({"type": "video", "video": [data_url(PNG)] * 4})),
+            400,
+            "messages[0].content[0]",
+            "too_many_frames",
+        )
+        assert "4 frames" in error["message"]
+        assert len(gw.llm.requests) == 1
+
+
+def test_video_count_limit():
+    video = video_url(data_url(b"mp4", "video/mp4"))
+    with gateway(**{"media.max_videos_per_request": 2}) as gw:
+        assert gw.chat(user(video, video)).status_code == 200
+        refused(gw.chat(user(video, video, video)), 400, "messages", "too_many_videos")
+        assert len(gw.vision.videos) == 2 and len(gw.llm.requests) == 1
+
+
+def test_images_and_videos_are_counted_apart():
+    with gateway(**{"media.max_images_per_request": 1, "media.max_videos_per_request": 1}) as gw:
+        body = user(image_url(data_url(PNG)), video_url(data_url(b"mp4", "video/mp4")))
+        assert gw.chat(body).status_code == 200
+
+
+def test_video_file_byte_limit():
+    with gateway(**{"media.max_video_bytes": 10, "media.max_image_bytes": 1000}) as gw:
+        refused(gw.chat(user(video_url(data_url(b"x" * 11, "video/mp4")))), 413, "messages[0].content[0]")
+        assert gw.chat(user(video_url(data_url(b"x" * 10, "video/mp4")))).status_code == 200
+
+
+@pytest.mark.parametrize("status", [400, 413])
+def test_a_video_refusal_keeps_its_status(status):
+    with gateway() as gw:
+        gw.vision.video_results = lambda items: [
+            VisionEncoding(error="video is too long", status=status) for _ in items
+        ]
+        error = refused(gw.chat(user(video_url(data_url(b"mp4", "video/mp4")))), status, "messages[0].content[0]")
+        assert "too long" in error["message"]
+
+
+def test_videos_never_carry_codes():
+    def with_codes(items):
+        from tests.api.harness import _vision_embedding
+
+        return [_vision_embedding(i, (2, 4, 4), [1], "VID") for i in range(len(items))]
+
+    with gateway("b") as gw:
+        gw.vision.video_results = with_codes
+        refused(gw.chat(user(video_url(data_url(b"mp4", "video/mp4")))), 502, None)
+        assert gw.llm.requests == []
+
+
+# ---------------------------------------------------------------------------------------------- audio (track B)
+def test_every_audio_form_resolves_to_the_same_bytes():
+    url = "https://snd.test/tone.wav"
+    forms = [
+        input_audio(b64(WAV)),  # OpenAI: base64 bytes
+        input_audio(data_url(WAV, "audio/wav")),
+        input_audio(url),
+        input_audio(base64.b64encode(url.encode()).decode()),  # OmniServe's clients: base64 of the URL
+        input_audio(base64.urlsafe_b64encode(url.encode()).decode().rstrip("=")),
+        input_audio(b64(WAV), fmt=None),
+        input_audio(b64(WAV), fmt="WAV"),
+        {"type": "audio_url", "audio_url": {"url": url}},
+        {"type": "audio_url", "audio_url": url},
+    ]
+    with gateway("b", **{"media.max_audios_per_request": len(forms)}) as gw:
+        gw.web.pages[url] = WAV
+        assert gw.chat(user(*forms)).status_code == 200
+        assert [clip.data for clip in gw.audio.clips] == [WAV] * len(forms)
+        assert {clip.max_seconds for clip in gw.audio.clips} == {gw.config.media.max_audio_seconds}
+        assert gw.audio.calls == 1
+        parts = gw.llm.body["messages"][0]["content"]
+    assert parts[0] == {
+        "type": "audio_embeds",
+        "audio_embeds": {"audio_embeds": "AUD0", "discrete_audio_codes": [4, 5, 6]},
+    }
+    assert [p["audio_embeds"]["audio_embeds"] for p in parts] == [f"AUD{i}" for i in range(len(forms))]
+
+
+def test_images_videos_and_audio_in_one_request_keep_their_places():
+    with gateway("b") as gw:
+        body = {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [input_audio(b64(WAV)), text("a"), image_url(data_url(PNG))]},
+                {"role": "user", "content": [video_url(data_url(b"mp4", "video/mp4")), input_audio(b64(WAV))]},
+            ]
+        }
+        assert gw.chat(body).status_code == 200
+        sent = gw.llm.body["messages"]
+    assert [p["type"] for p in sent[1]["content"]] == ["audio_embeds", "text", "image_embeds"]
+    assert [p["type"] for p in sent[2]["content"]] == ["video_embeds", "audio_embeds"]
+    assert sent[2]["content"][1]["audio_embeds"]["audio_embeds"] == "AUD1"
+
+
+@pytest.mark.parametrize(
+    ("part", "param", "code"),
+    [
+        (
+            input_audio(base64.b64encode(b"s3://bucket/embedding.pt").decode()),
+            "messages[0].content[0]",
+            "invalid_media",
+        ),
+        (input_audio("s3://bucket/embedding.pt"), "messages[0].content[0]", "invalid_media"),
+        (input_audio("file:///etc/passwd"), "messages[0].content[0]", "invalid_media"),
+        (input_audio(base64.b64encode(b"file:///etc/passwd").decode()), "messages[0].content[0]", "invalid_media"),
+        (input_audio("%%% not audio %%%"), "messages[0].content[0]", "invalid_media"),
+        (input_audio(b64(WAV), fmt="midi"), "messages[0].content[0].input_audio.format", "unsupported_audio_format"),
+        (
+            {"type": "audio_url", "audio_url": {"url": "ftp://snd.test/a.wav"}},
+            "messages[0].content[0]",
+            "invalid_media",
+        ),
+    ],
+)
+def test_refused_audio_references(part, param, code):
+    with gateway("b") as gw:
+        refused(gw.chat(user(part)), 400, param, code)
+        assert gw.audio.calls == 0 and gw.llm.requests == [] and gw.web.fetched == []
+
+
+def test_audio_count_and_size_limits():
+    clip = input_audio(b64(WAV))
+    with gateway("b", **{"media.max_audios_per_request": 2}) as gw:
+        assert gw.chat(user(clip, clip)).status_code == 200
+        refused(gw.chat(user(clip, clip, clip)), 400, "messages", "too_many_audios")
+    with gateway("b", **{"media.max_audio_bytes": len(WAV) - 1}) as gw:
+        refused(gw.chat(user(text(), clip)), 413, "messages[0].content[1]")
+        assert gw.audio.calls == 0
+
+
+def test_audio_encoder_refusals_keep_their_status_and_name_the_part():
+    clip = input_audio(b64(WAV))
+    with gateway("b") as gw:
+        gw.audio.results = lambda clips: [
+            audio_encoding(),
+            AudioEncoding(error="audio is 700.0 s long, over the limit of 120 s", status=413),
+        ]
+        error = refused(gw.chat(user(clip, clip)), 413, "messages[0].content[1]")
+        assert "700.0 s" in error["message"]
+        gw.audio.results = lambda clips: [AudioEncoding(error="cannot decode the audio")]
+        refused(gw.chat(user(clip)), 400, "messages[0].content[0]")
+        assert gw.llm.requests == []
+
+
+@pytest.mark.parametrize(
+    "bad", [audio_encoding(dim=9), audio_encoding(rows=0), audio_encoding(codes=[])], ids=["width", "rows", "codes"]
+)
+def test_malformed_audio_encoder_output_never_reaches_the_llm(bad):
+    with gateway("b") as gw:
+        gw.audio.results = lambda clips: [bad]
+        error = refused(gw.chat(user(input_audio(b64(WAV)))), 502, None)
+        assert error["message"] == "The audio encoder returned malformed features."
+        assert gw.llm.requests == []
+
+
+def test_audio_encoder_failure_is_a_502():
+    with gateway("b") as gw:
+        gw.audio.error = ConnectionError("encoder at 10.0.0.3 down")
+        error = refused(gw.chat(user(input_audio(b64(WAV)))), 502, None)
+        assert "10.0.0.3" not in error["message"]
+
+
+def test_track_a_refuses_audio_and_says_what_it_takes():
+    with gateway("a") as gw:
+        error = refused(
+            gw.chat(user(text(), input_audio(b64(WAV)))), 400, "messages[0].content[1]", "unsupported_content_type"
+        )
+        supported = error["message"].split("supported:")[1]
+        assert "input_audio" not in supported and "image_url" in supported and "video_url" in supported
+        assert gw.audio.calls == 0 and gw.llm.requests == []
