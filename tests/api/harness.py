@@ -15,6 +15,7 @@ Fakes:
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 from collections.abc import Callable, Iterator
@@ -80,20 +81,27 @@ class FakeLLM:
         self.stream: str | None = None
         self.status = 200
         self.error_body: dict[str, Any] | None = None
+        self.error_text: str | None = None  # a plain-text error body instead
         self.failure: Exception | None = None
         self.health_status = 200
+        self.stream_body: Callable[[], Any] | None = None  # an async iterator of raw SSE bytes, when set
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
+            assert request.method == "GET", request.method
             if self.failure is not None:
                 raise self.failure
             return httpx.Response(self.health_status)
-        assert request.url.path == "/v1/chat/completions", request.url
+        assert (request.method, request.url.path) == ("POST", "/v1/chat/completions"), request
         self.requests.append(json.loads(request.content))
         if self.failure is not None:
             raise self.failure
+        if self.status != 200 and self.error_text is not None:
+            return httpx.Response(self.status, text=self.error_text)
         if self.status != 200:
             return httpx.Response(self.status, json=self.error_body or {"error": {"message": "upstream says no"}})
+        if self.requests[-1].get("stream") and self.stream_body is not None:
+            return httpx.Response(200, content=self.stream_body(), headers={"content-type": "text/event-stream"})
         if self.requests[-1].get("stream"):
             text = self.stream if self.stream is not None else sse(chunk({"role": "assistant", "content": "Paris."}))
             return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
@@ -192,7 +200,8 @@ class FakeAudioEncoder:
 
 
 class FakeWeb:
-    """Media URLs served in-process. `pages[url]` is bytes (200), an `httpx.Response`, or an exception to raise;
+    """Media URLs served in-process. `pages[url]` is bytes (200), an `httpx.Response`, a function making one, or an
+    exception to raise;
     `dns[host]` is the list of addresses the faked resolver returns (default: one public address)."""
 
     def __init__(self) -> None:
@@ -210,12 +219,15 @@ class FakeWeb:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         url = str(request.url)
+        assert request.method == "GET" and "image/*" in request.headers["accept"], request
         self.fetched.append(url)
         page = self.pages.get(url)
         if page is None:
             return httpx.Response(404, text="not found")
         if isinstance(page, Exception):
             raise page
+        if callable(page):  # a response made per request (e.g. a streamed body)
+            return page()
         if isinstance(page, httpx.Response):
             return httpx.Response(page.status_code, headers=page.headers, content=page.content)
         return httpx.Response(200, content=page)
@@ -243,6 +255,37 @@ class Gateway:
 
     def chat(self, body: dict[str, Any], prefix: str | None = None, **kwargs: Any) -> httpx.Response:
         return self.http.post(f"{prefix or self.prefix}/chat/completions", json=body, **kwargs)
+
+    async def asgi_chat(self, body: dict[str, Any], on_body: Callable[[bytes], Any]) -> int:
+        """POST to the app's ASGI interface directly (no client that buffers the response); `on_body` sees each
+        body message as the app sends it. Returns the status."""
+        path = f"{self.prefix}/chat/completions"
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+            "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("gw", 80),
+        }  # fmt: skip
+        messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+        done = asyncio.Event()
+        status = []
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await done.wait()  # the client stays connected until the response is complete
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    await on_body(message["body"])
+                if not message.get("more_body"):
+                    done.set()
+
+        await self.http.app(scope, receive, send)
+        return status[0]
 
     def stream(self, body: dict[str, Any]) -> list[dict[str, Any] | str]:
         """The SSE events of a streamed request: decoded JSON objects, and "[DONE]"."""

@@ -130,11 +130,19 @@ def test_llm_4xx_becomes_a_400_with_its_message(stream):
     assert "maximum context length" in error["message"] and error["type"] == "invalid_request_error"
 
 
-def test_llm_4xx_without_a_message():
+@pytest.mark.parametrize("body", [{"detail": ""}, {"error": {"message": None}}, "a JSON string", [1, 2]])
+def test_llm_4xx_without_a_message(body):
     with gateway() as gw:
-        gw.llm.status, gw.llm.error_body = 422, {"detail": ""}
+        gw.llm.status, gw.llm.error_body = 422, body
         error = error_of(gw.chat(hi()), 400)
-    assert "422" in error["message"]
+    assert error["message"] == "The model rejected the request (HTTP 422)."
+
+
+def test_llm_4xx_with_a_body_that_is_not_json():
+    with gateway() as gw:
+        gw.llm.status, gw.llm.error_text = 400, "Bad Request"
+        error = error_of(gw.chat(hi()), 400)
+    assert error["message"] == "The model rejected the request (HTTP 400)."
 
 
 def test_llm_detail_field_is_read():
@@ -146,8 +154,9 @@ def test_llm_detail_field_is_read():
 def test_llm_404_is_a_404():
     with gateway() as gw:
         gw.llm.status, gw.llm.error_body = 404, {"error": {"message": "The model `x` does not exist."}}
-        error = error_of(gw.chat(hi()), 404)
-    assert "does not exist" in error["message"]
+        assert error_of(gw.chat(hi()), 404)["message"] == "The model `x` does not exist."
+        gw.llm.error_body = {"error": {}}
+        assert error_of(gw.chat(hi()), 404)["message"] == "Not found."
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -155,7 +164,8 @@ def test_llm_503_is_a_503(stream):
     with gateway() as gw:
         gw.llm.status = 503
         error = error_of(gw.chat(hi(stream=stream)), 503)
-    assert error["type"] == "service_unavailable" and "retry" in error["message"]
+    assert error["type"] == "service_unavailable"
+    assert error["message"] == "The language model is not ready yet; retry shortly."
 
 
 @pytest.mark.parametrize("status", [500, 502])
@@ -163,16 +173,17 @@ def test_llm_5xx_is_a_502_without_internals(status):
     with gateway() as gw:
         gw.llm.status, gw.llm.error_body = status, {"error": {"message": "CUDA error at /secret/path.py"}}
         error = error_of(gw.chat(hi()), 502)
-    assert "secret" not in error["message"] and "CUDA" not in error["message"]
+    assert error["message"] == "The language model failed to process the request."
     assert error["type"] == "upstream_error"
 
 
 def test_llm_answering_garbage_is_a_502():
     with gateway() as gw:
         gw.llm.reply = None  # not a completion at all
-        error_of(gw.chat(hi()), 502)
+        malformed = "The language model returned a malformed response."
+        assert error_of(gw.chat(hi()), 502)["message"] == malformed
         gw.llm.stream = "data: {not json\n\n"
-        error_of(gw.chat(hi(stream=True)), 502)
+        assert error_of(gw.chat(hi(stream=True)), 502)["message"] == malformed
         gw.llm.stream = sse(chunk({"content": "a"}), "[1, 2]")
         events = gw.stream(hi())
     assert events[1]["error"]["type"] == "upstream_error" and events[-1] == "[DONE]"
@@ -187,7 +198,21 @@ def test_transport_failures(failure, status, stream):
     with gateway() as gw:
         gw.llm.failure = failure
         error = error_of(gw.chat(hi(stream=stream)), status)
-    assert "refused" not in error["message"]
+    expected = "The language model timed out." if status == 504 else "The language model is unreachable."
+    assert error["message"] == expected
+
+
+@pytest.mark.parametrize(("failure", "message"), [(httpx.ReadError("reset"), "The language model stream was interrupted."), (httpx.ReadTimeout("slow"), "The language model timed out.")])
+def test_a_transport_failure_mid_stream_is_an_error_event(failure, message):
+    async def upstream():
+        yield f"data: {json.dumps(chunk({'content': 'Pa'}))}\n\n".encode()
+        raise failure
+
+    with gateway() as gw:
+        gw.llm.stream_body = upstream
+        events = gw.stream(hi())
+    assert events[0]["choices"][0]["delta"]["content"] == "Pa"
+    assert events[1]["error"]["message"] == message and events[2:] == ["[DONE]"]
 
 
 def test_a_failure_after_the_stream_started_is_an_error_event_then_done():

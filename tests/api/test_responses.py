@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 
@@ -168,3 +171,67 @@ def test_health_is_503_when_the_llm_is_unreachable():
         gw.llm.failure = httpx.ConnectError("refused")
         response = gw.http.get("/health")
     assert response.status_code == 503 and response.json() == {"status": "unavailable"}
+
+
+def test_chunks_are_passed_on_as_they_arrive():
+    """The gateway relays each upstream chunk at once: the client has the first before vLLM sends the second."""
+    first_relayed = asyncio.Event()
+    received: list[bytes] = []
+
+    async def upstream():
+        yield f"data: {json.dumps(chunk({'content': 'a'}))}\n\n".encode()
+        try:
+            await asyncio.wait_for(first_relayed.wait(), timeout=5)
+            second = "b"
+        except TimeoutError:
+            second = "late"
+        yield f"data: {json.dumps(chunk({'content': second}))}\n\ndata: [DONE]\n\n".encode()
+
+    async def on_body(data: bytes) -> None:
+        received.append(data)
+        first_relayed.set()
+
+    with gateway() as gw:
+        gw.llm.stream_body = upstream
+        assert asyncio.run(gw.asgi_chat(hi(stream=True), on_body)) == 200
+    events = [json.loads(line[6:]) for line in b"".join(received).decode().split("\n\n") if line[6:7] == "{"]
+    assert [e["choices"][0]["delta"]["content"] for e in events] == ["a", "b"]
+
+
+def test_upstream_data_lines_without_a_space_are_read():
+    with gateway() as gw:
+        gw.llm.stream = "data:" + json.dumps(chunk({"content": "ok"})) + "\n\ndata:[DONE]\n\n"
+        events = gw.stream(hi())
+    assert [e["choices"][0]["delta"] for e in events[:-1]] == [{"content": "ok"}]
+
+
+def test_sse_events_are_compact_utf8_json():
+    with gateway() as gw:
+        gw.llm.stream = sse(chunk({"content": "Café ☕"}))
+        raw = gw.chat(hi(stream=True)).text
+    first = raw.split("\n\n")[0]
+    assert first.startswith('data: {"id":"chatcmpl-upstream","object":"chat.completion.chunk",')
+    assert "Café ☕" in first and ", " not in first.replace("Café ☕", "")
+
+
+def test_error_events_keep_non_ascii_as_is():
+    with gateway() as gw:
+        message = "prompt has 9000 tokens – too many"
+        gw.llm.stream = sse(chunk({"content": "a"}), json.dumps({"error": {"message": message, "code": 400}}))
+        raw = gw.chat(hi(stream=True)).text
+    assert message in raw
+
+
+def test_upstream_choices_without_index_or_choices():
+    with gateway() as gw:
+        reply = completion("x")
+        del reply["choices"][0]["index"]
+        gw.llm.reply = reply
+        assert gw.chat(hi()).json()["choices"][0]["index"] == 0
+        gw.llm.reply = {k: v for k, v in completion("x").items() if k != "choices"}
+        assert gw.chat(hi()).json()["choices"] == []
+        no_index = chunk({"content": "a"})
+        del no_index["choices"][0]["index"]
+        gw.llm.stream = sse(no_index, {k: v for k, v in chunk({"content": "b"}).items() if k != "choices"})
+        events = gw.stream(hi())
+    assert events[0]["choices"][0]["index"] == 0 and events[1]["choices"] == []

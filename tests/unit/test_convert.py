@@ -709,3 +709,162 @@ def test_verify_catches_a_missing_config(think: FakeCheckpoint, tmp_path: Path, 
     with pytest.raises(hc.VerifyError, match="ve/config.json is missing"):
         hc.convert(think.root, tmp_path / "out", track="a", verify=True)
     assert not (tmp_path / "out").exists()
+
+
+def _same_size_change(path: Path) -> None:
+    """Flip one byte and put the modification time back: what a shallow (size + mtime) comparison cannot see."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_verify_compares_side_files_byte_for_byte(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(think, tmp_path / "out")
+    _same_size_change(tmp_path / "out" / "llm" / "tokenizer.json")
+    _verify_fails(think, tmp_path / "out", capsys, "error: llm/tokenizer.json differs from the input file")
+
+
+def test_verify_compares_decoder_files_byte_for_byte(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(omni, tmp_path / "out")
+    _same_size_change(tmp_path / "out" / "ad" / "NCCosybigvganDecoder.mar")
+    _verify_fails(omni, tmp_path / "out", capsys, "error: ad/NCCosybigvganDecoder.mar differs from the input file")
+
+
+def _two_shards(omni: FakeCheckpoint, out: Path) -> Path:
+    """Convert `ae` into exactly two shards; returns its index."""
+    total = sum(t.numel() * t.element_size() for k, t in omni.tensors.items() if k.startswith("model.audio"))
+    for limit in (total * k // 20 for k in range(10, 20)):
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        _converted(omni, out, "-c", "ae", "--max-shard-size", f"{limit}B")
+        index = json.loads((out / "ae" / "model.safetensors.index.json").read_text())
+        if len(set(index["weight_map"].values())) == 2:
+            return out / "ae" / "model.safetensors.index.json"
+    raise AssertionError("no shard size gives two shards")
+
+
+@pytest.mark.parametrize("edit", ["total_size", "no_metadata"])
+def test_verify_checks_total_size_from_two_shards_on(omni: FakeCheckpoint, tmp_path: Path, capsys, edit: str) -> None:
+    index_path = _two_shards(omni, tmp_path / "out")
+    options = json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]
+    index = json.loads(index_path.read_text())
+    if edit == "total_size":
+        index["metadata"]["total_size"] -= 1
+    else:
+        del index["metadata"]
+    index_path.write_text(json.dumps(index))
+    _verify_fails(omni, tmp_path / "out", capsys, "error: ae/model.safetensors.index.json: total_size is not",
+                  "-c", "ae", "--max-shard-size", f"{options['max_shard_size']}B")  # fmt: skip
+
+
+def test_verify_names_missing_and_unexpected_tensors(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    index_path = _two_shards(omni, tmp_path / "out")
+    shard_size = json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]["max_shard_size"]
+    original = index_path.read_text()
+    index = json.loads(original)
+    dropped = sorted(index["weight_map"])[0]
+    del index["weight_map"][dropped]
+    index_path.write_text(json.dumps(index))
+    args = ("-c", "ae", "--max-shard-size", f"{shard_size}B")
+    _verify_fails(omni, tmp_path / "out", capsys, f"error: ae: tensor names differ (missing: {dropped}; unexpected: -)", *args)
+    index = json.loads(original)
+    index["weight_map"]["audio_model.ghost"] = sorted(index["weight_map"].values())[0]
+    index_path.write_text(json.dumps(index))
+    _verify_fails(omni, tmp_path / "out", capsys, "error: ae: tensor names differ (missing: -; unexpected: audio_model.ghost)", *args)
+
+
+def test_verify_reports_an_unreadable_index(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    index_path = _two_shards(omni, tmp_path / "out")
+    shard_size = json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]["max_shard_size"]
+    index_path.write_text("{not json")
+    _verify_fails(omni, tmp_path / "out", capsys, "error: ae: ", "-c", "ae", "--max-shard-size", f"{shard_size}B")
+
+
+def test_verify_reports_an_unreadable_output_shard(think: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(think, tmp_path / "out")
+    shard = tmp_path / "out" / "ve" / "model.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    _verify_fails(think, tmp_path / "out", capsys, f"error: ve: {shard}: unreadable safetensors file (")
+
+
+def test_verify_reads_in_bounded_slices_and_reopens_files(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    """Verify's memory bound: each read holds at most VERIFY_CHUNK bytes (or one row of a tensor with bigger rows),
+    covers every row once, and a file handle is dropped once VERIFY_WINDOW bytes went through it."""
+    import safetensors
+
+    from hcxserve.convert import verify
+
+    chunk, window = 96, 512
+    monkeypatch.setattr(verify, "VERIFY_CHUNK", chunk)
+    monkeypatch.setattr(verify, "VERIFY_WINDOW", window)
+    real_open = safetensors.safe_open
+    handles: list[dict] = []  # per opened handle: path and the reads made through it
+
+    class Slice:
+        def __init__(self, inner, record):
+            self.inner, self.record = inner, record
+
+        def get_dtype(self):
+            return self.inner.get_dtype()
+
+        def get_shape(self):
+            return self.inner.get_shape()
+
+        def __getitem__(self, rows):
+            tensor = self.inner[rows]
+            self.record(rows, tensor)
+            return tensor
+
+    class Recording:
+        def __init__(self, path, framework):
+            self.inner = real_open(path, framework=framework)
+            self.log = {"path": path, "reads": []}
+            handles.append(self.log)
+
+        def __getattr__(self, name):  # keys(), metadata(), ... as they are
+            return getattr(self.inner, name)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def _record(self, key, rows, tensor):
+            self.log["reads"].append((key, rows, tensor.numel() * tensor.element_size(), tuple(tensor.shape)))
+
+        def get_tensor(self, key):
+            tensor = self.inner.get_tensor(key)
+            self._record(key, None, tensor)
+            return tensor
+
+        def get_slice(self, key):
+            return Slice(self.inner.get_slice(key), lambda rows, tensor: self._record(key, rows, tensor))
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    hc.convert(think.root, tmp_path / "out", track="a", verify=True)
+
+    shapes: dict[tuple[str, str], tuple] = {}
+    covered: dict[tuple[str, str], list[int]] = {}
+    for handle in handles:
+        through = 0
+        for key, rows, nbytes, shape in handle["reads"]:
+            assert through < window  # a handle that had a window's worth was replaced before this read
+            through += nbytes
+            row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
+            assert nbytes <= max(chunk, row_bytes), (key, rows, nbytes)
+            name = (handle["path"], key)
+            if rows is None:
+                shapes[name] = shape
+                covered.setdefault(name, []).extend(range(shape[0]) if shape else [0])
+            else:
+                covered.setdefault(name, []).extend(range(rows.start, rows.stop))
+    sliced = [name for name in covered if name not in shapes]
+    assert sliced, "no tensor was big enough to be read in slices"
+    for name, rows in covered.items():
+        assert sorted(rows) == sorted(set(rows)), f"{name}: a row read twice by one side"

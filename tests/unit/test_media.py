@@ -1,6 +1,11 @@
 import asyncio
 import base64
+import http.server
+import io
+import ipaddress
 import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -321,3 +326,207 @@ def test_image_urls_meet_the_guard_through_the_api():
         response = gw.chat(body)
         assert response.status_code == 400 and response.json()["error"]["code"] == "forbidden_url"
         assert gw.web.fetched == ["https://cdn.test/a.png"]
+
+
+# ---------------------------------------------------------------------------------------------- inline data
+def fetch_error(ref, **config):
+    with pytest.raises(MediaError) as info:
+        fetch(ref, **config)
+    assert info.value.param == "messages[0].content[0]"
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("url", "data"),
+    [
+        ("data:,hello", b"hello"),  # no media type at all
+        ("data:text/plain,a%2Cb%20c", b"a,b c"),  # percent-encoded
+        ("data:image/svg+xml,<svg a=1,b=2/>", b"<svg a=1,b=2/>"),  # commas in the payload
+        ("data:image/png;base64," + base64.b64encode(b"\x89PNG").decode(), b"\x89PNG"),
+        ("data:image/png;base64, " + base64.b64encode(b"\x89PNG").decode() + " ", b"\x89PNG"),
+    ],
+)
+def test_data_url_forms(url, data):
+    assert fetch(url).data == data
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("data:image/png;base64", "messages[0].content[0]: malformed data: URL (no comma)"),
+        ("data:text/plain,", "messages[0].content[0]: empty media"),
+        ("data:image/png;base64,", "messages[0].content[0]: empty media"),
+        ("====", "messages[0].content[0]: empty media"),
+        ("not a url and not base64!", "messages[0].content[0]: not a URL, data: URL or base64 data"),
+        ("ftp://host/x.png", "messages[0].content[0]: unsupported URL scheme 'ftp'; use http(s) or a data: URL"),
+        ("http://[::1/x.png", "messages[0].content[0]: malformed URL"),
+    ],
+)
+def test_inline_refusals_name_the_part(ref, message):
+    assert fetch_error(ref).message == message
+
+
+@pytest.mark.parametrize("size", [99, 100, 101])
+def test_inline_size_limit_is_exact(size):
+    payload = b"x" * size
+    for ref in (data_url(payload), base64.b64encode(payload).decode(), "data:text/plain," + "x" * size):
+        if size <= 100:
+            assert fetch(ref, max_image_bytes=100).data == payload
+        else:
+            with pytest.raises(PayloadTooLargeError) as info:
+                fetch(ref, max_image_bytes=100)
+            assert info.value.param == "messages[0].content[0]"
+            assert info.value.message == f"messages[0].content[0]: media is {size} bytes, over the limit of 100"
+
+
+# ---------------------------------------------------------------------------------------------- URL errors
+def test_url_refusals_name_the_part():
+    web = FakeWeb()
+    web.dns["nowhere.test"] = []
+    cases = {
+        "http:///a.png": ("messages[0].content[0]: URL has no host", "invalid_media"),
+        "http://nowhere.test/a.png": ("messages[0].content[0]: cannot resolve host 'nowhere.test'", "unreachable_url"),
+        "http://a.test/missing.png": ("messages[0].content[0]: fetching the URL returned HTTP 404", "unreachable_url"),
+    }
+    for url, (message, code) in cases.items():
+        with pytest.raises(MediaError) as info:
+            guarded(web, url)
+        assert (info.value.message, info.value.code, info.value.param) == (message, code, "messages[0].content[0]")
+
+
+@pytest.mark.parametrize(
+    ("page", "message", "code"),
+    [
+        (httpx.Response(200), "the URL returned no data", "invalid_media"),
+        (httpx.ReadTimeout("slow"), "timed out fetching the URL", "unreachable_url"),
+        (httpx.ConnectError("x"), "could not fetch the URL (ConnectError)", "unreachable_url"),
+        (httpx.InvalidURL("bad"), "malformed URL", "invalid_media"),
+    ],
+)
+def test_fetch_failure_messages(page, message, code):
+    web = FakeWeb()
+    web.pages["http://a.test/x.png"] = page
+    with pytest.raises(MediaError) as info:
+        guarded(web, "http://a.test/x.png")
+    assert (info.value.message, info.value.code) == (f"messages[0].content[0]: {message}", code)
+    assert info.value.param == "messages[0].content[0]"
+
+
+def test_redirect_errors_name_the_part():
+    web = FakeWeb()
+    web.redirect("http://a.test/x.png", "ftp://a.test/x.png")
+    web.redirect("http://loop.test/", "http://loop.test/")
+    for url, message in [
+        ("http://a.test/x.png", "messages[0].content[0]: redirect to a non-http URL"),
+        ("http://loop.test/", "messages[0].content[0]: too many redirects"),
+    ]:
+        with pytest.raises(MediaError) as info:
+            guarded(web, url)
+        assert (info.value.message, info.value.param) == (message, "messages[0].content[0]")
+
+
+def test_a_declared_size_over_the_limit_is_refused_before_the_body_is_read():
+    produced = []
+
+    async def body():
+        for _ in range(10):
+            produced.append(1)
+            yield b"x" * 100
+
+    web = FakeWeb()
+    web.pages["http://a.test/big.png"] = lambda: httpx.Response(200, headers={"content-length": "1000"}, content=body())
+    with pytest.raises(PayloadTooLargeError) as info:
+        guarded(web, "http://a.test/big.png", max_image_bytes=500)
+    assert info.value.param == "messages[0].content[0]" and produced == []
+
+
+def test_a_streamed_body_is_cut_off_at_the_limit():
+    produced = []
+
+    async def body():
+        for _ in range(10):
+            produced.append(1)
+            yield b"x" * 100
+
+    web = FakeWeb()
+    web.pages["http://a.test/big.png"] = lambda: httpx.Response(200, content=body())  # no content-length
+    with pytest.raises(PayloadTooLargeError) as info:
+        guarded(web, "http://a.test/big.png", max_image_bytes=250)
+    assert info.value.param == "messages[0].content[0]" and len(produced) == 3
+
+
+@pytest.mark.parametrize("length", ["abc", "-5", ""])
+def test_a_meaningless_content_length_is_ignored(length):
+    web = FakeWeb()
+    web.pages["http://a.test/x.png"] = lambda: httpx.Response(200, headers={"content-length": length}, content=b"ok")
+    assert guarded(web, "http://a.test/x.png").data == b"ok"
+
+
+# ---------------------------------------------------------------------------------------------- real sockets
+class _SlowHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        time.sleep(3)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_default_client_times_out_on_a_server_that_never_answers():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        error = fetch_error(f"http://127.0.0.1:{server.server_address[1]}/x.png", allow_private_networks=True, fetch_timeout_s=0.5)
+        assert error.message == "messages[0].content[0]: timed out fetching the URL"
+        assert time.monotonic() - started < 2.5
+    finally:
+        server.shutdown()
+
+
+def test_the_default_client_ignores_proxy_settings(media_server, monkeypatch):
+    """A proxy from the environment would see (and could redirect) every client URL; media go direct."""
+    base, root = media_server
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    assert fetch(f"{base}/red.png", allow_private_networks=True).data == (root / "red.png").read_bytes()
+
+
+def test_the_default_resolver_answers_with_addresses():
+    from hcxserve.media import resolve_host
+
+    addresses = asyncio.run(resolve_host("localhost"))
+    assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_every_transparent_mode_is_composited_on_white(mode):
+    from PIL import Image
+
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    decoded = decode_image(buffer.getvalue(), MediaConfig())
+    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_images_with_and_without_transparency():
+    from PIL import Image
+
+    opaque = Image.new("P", (8, 8), 3)
+    opaque.putpalette([0, 0, 0] * 3 + [10, 20, 30] + [0, 0, 0] * 252)
+    transparent = opaque.copy()
+    buffer_a, buffer_b = io.BytesIO(), io.BytesIO()
+    opaque.save(buffer_a, format="PNG")
+    transparent.save(buffer_b, format="PNG", transparency=3)
+    assert decode_image(buffer_a.getvalue(), MediaConfig()).getpixel((0, 0)) == (10, 20, 30)
+    assert decode_image(buffer_b.getvalue(), MediaConfig()).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_corrupt_image_body_is_named():
+    with pytest.raises(MediaError) as info:
+        decode_image(make_png(64, 64)[:-40], MediaConfig(), param="frame")
+    assert (info.value.message, info.value.param) == ("frame: the image data is truncated or corrupt", "frame")
+    with pytest.raises(MediaError) as info:
+        decode_image(make_png(64, 64)[:-40], MediaConfig())
+    assert info.value.param == "image"
