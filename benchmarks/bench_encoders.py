@@ -5,7 +5,7 @@ holds them) two real multi-process servers of the REAL service class are started
 `bentoml serve benchmarks.encoder_bento:<Svc>`:
 
 - "batching": the track config as is (adaptive batching, `max_batch_size` from the config);
-- "batch size 1": `HCX_OVERRIDES="<section>.max_batch_size=1"`, which serves the same `encode` with adaptive
+- "batch size 1": `HCX_TRACKS__<T>__COMPONENTS__<SECTION>__MAX_BATCH_SIZE=1`, which serves the same `encode` with
   batching off: one call per request, the baseline.
 
 Each server is a thin entry (`VisionBench` / `AudioBench`, JSON in) in front of the real encoder as a BentoML
@@ -44,8 +44,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hcxserve.config import load_track_config  # noqa: E402
-from hcxserve.testing import ServedProcess, free_port  # noqa: E402
+from hcxserve.config import dotted_overrides, load_track  # noqa: E402
+from hcxserve.tooling.testing import ServedProcess, config_env, free_port, serve_env  # noqa: E402
 
 
 def test_png(width: int = 224, height: int = 224) -> bytes:
@@ -123,11 +123,9 @@ class Server:
         self.mode = mode
         self.section = encoder.section
         self.port = free_port()
-        self.env = {**env, "HCX_BENCH_TRACK": encoder.track}
-        if mode != "batching":
-            overrides = f"{env.get('HCX_OVERRIDES', '')} {encoder.section}.max_batch_size=1"
-            self.env["HCX_OVERRIDES"] = overrides.strip()
-        self.config = load_track_config(encoder.track, env=self.env)
+        overrides = {} if mode == "batching" else {f"{encoder.track}.components.{encoder.section}.max_batch_size": 1}
+        self.env = {**env, "HCX_BENCH_TRACK": encoder.track, **config_env(overrides)}
+        self.config = load_track(encoder.track, overrides=dotted_overrides([encoder.track], overrides))
         cmd = [
             str(ROOT / ".venv/bin/bentoml"),
             "serve",
@@ -140,7 +138,7 @@ class Server:
 
     @property
     def max_batch_size(self) -> int:
-        return getattr(self.config, self.section).max_batch_size
+        return getattr(self.config.components, self.section).max_batch_size
 
 
 async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> float | None:
@@ -215,7 +213,7 @@ async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[st
             "encoder": encoder,
             "results": results,
             "max_batch_size": {s.mode: s.max_batch_size for s in servers},
-            "threads": getattr(servers[0].config, encoder.section).threads,
+            "threads": getattr(servers[0].config.components, encoder.section).threads,
             "shape": shape,
             "ready_s": {s.mode: s.proc.ready_after_s for s in servers},
         }
@@ -246,8 +244,8 @@ def machine() -> str:
     )
 
 
-def model_line(encoder: Encoder, env: dict[str, str]) -> str:
-    config = load_track_config(encoder.track, env=env)
+def model_line(encoder: Encoder) -> str:
+    config = load_track(encoder.track)
     folder = config.component_dir(encoder.component())
     manifest = config.model_dir / "manifest.json"
     size = ""
@@ -255,7 +253,7 @@ def model_line(encoder: Encoder, env: dict[str, str]) -> str:
         info = json.loads(manifest.read_text()).get("components", {}).get(encoder.component(), {})
         if info.get("bytes"):
             size = f", {info['bytes'] / 2**20:.1f} MiB of weights"
-    cfg = getattr(config, encoder.section)
+    cfg = getattr(config.components, encoder.section)
     return f"`{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}` ({cfg.dtype}, {cfg.device}{size})"
 
 
@@ -284,7 +282,7 @@ def render(runs: list[dict], args: argparse.Namespace, env: dict[str, str], comm
         lines += [
             f"## {encoder.label}",
             "",
-            f"- Model: {model_line(encoder, env)}; output per item: {run['shape']}",
+            f"- Model: {model_line(encoder)}; output per item: {run['shape']}",
             f"- Batching: adaptive, `max_batch_size={mbs['batching']}` (config default); batch size 1: the same "
             f"`encode` with `{encoder.section}.max_batch_size=1` (batching off); "
             f"`{encoder.section}.threads={run['threads']}`; "
@@ -318,7 +316,7 @@ def available(keys: list[str]) -> list[Encoder]:
     out = []
     for key in keys:
         encoder = ENCODERS[key]
-        folder = load_track_config(encoder.track).component_dir(encoder.component())
+        folder = load_track(encoder.track).component_dir(encoder.component())
         if (folder / "config.json").exists():
             out.append(encoder)
         else:
@@ -344,16 +342,7 @@ def main() -> None:
     for encoder in ENCODERS.values():
         encoder.items = args.vision_items if encoder.service == "VisionEncoder" else args.audio_items
         encoder.image_size = args.image_size
-    env = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    import torch
-
-    if not torch.cuda.is_available():
-        env["BENTOML_DISABLE_GPU_ALLOCATION"] = "1"
+    env = serve_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", "benchmarks/bench_encoders.py", *sys.argv[1:]])

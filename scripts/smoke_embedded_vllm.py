@@ -32,7 +32,7 @@ def compare_with_hf_reference(model_dir: Path, image, prompt_ids: list[int], vll
     """Greedy-decode the same expanded prompt with transformers modules loaded from the checkpoint."""
     import torch
 
-    from hcxserve.embedded.checks import load_unified_fp32
+    from hcxserve.tooling.embedded.checks import load_unified_fp32
 
     ref = load_unified_fp32(model_dir)
     config = ref["config"]

@@ -1,7 +1,7 @@
-"""LLM component: vLLM's OpenAI server for the track's HyperCLOVAX model, behind BentoML's reverse proxy.
+"""LLM component of a track: vLLM's OpenAI server for its HyperCLOVAX model, behind BentoML's reverse proxy.
 
-The engine takes the vision encoder's precomputed embeddings (`image_embeds` content parts), so token ids,
-prefix caching and `thinking_token_budget` work as for text.
+The engine takes the encoders' precomputed embeddings (`image_embeds`, `audio_embeds` content parts), so token
+ids, prefix caching and `thinking_token_budget` work as for text.
 """
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import TrackConfig
-from hcxserve.vllm_args import vllm_server_command
+from hcxserve.llm.args import vllm_server_command
 
 
-def llm_service(config: TrackConfig) -> type:
-    llm = config.llm
-    resources = {"gpu": llm.tensor_parallel_size, **({"gpu_type": llm.gpu_type} if llm.gpu_type else {})}
+def llm_service(track: TrackConfig) -> type:
+    llm = track.llm
 
     @bentoml.service(
-        name="LLM",
-        resources=resources,
+        name=f"{track.name}-LLM",
+        resources=llm.resources(),
         traffic={"timeout": llm.timeout_s},
         endpoints={"livez": "/health", "readyz": "/health"},
         http={"proxy_port": llm.port},
@@ -26,6 +25,6 @@ def llm_service(config: TrackConfig) -> type:
     )
     class LLM:
         def __command__(self) -> list[str]:
-            return vllm_server_command(config)
+            return vllm_server_command(track)
 
     return LLM

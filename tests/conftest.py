@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hcxserve.config import PROJECT_ROOT, load_track_config
+from hcxserve.config import PROJECT_ROOT
 
 EMBEDDED_TRACK_A = PROJECT_ROOT / "models" / "embedded" / "track_a"
 EMBEDDED_TRACK_B = PROJECT_ROOT / "models" / "embedded" / "track_b"
@@ -29,11 +29,6 @@ def track_b_model_dir() -> Path:
     if not (EMBEDDED_TRACK_B / "manifest.json").exists():
         pytest.fail(f"{EMBEDDED_TRACK_B} is missing: run `make model` (the README's test command does)")
     return EMBEDDED_TRACK_B
-
-
-@pytest.fixture(scope="session")
-def track_a_config():
-    return load_track_config("a", env={})
 
 
 def make_png(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str = "RGB") -> bytes:

@@ -26,15 +26,14 @@ from typing import Any
 import httpx
 from starlette.testclient import TestClient
 
-from hcxserve.audio_inputs import AudioInputs
-from hcxserve.config import load_track_config
-from hcxserve.llm_client import LLMClient
-from hcxserve.media import MediaFetcher
+from hcxserve.config import dotted_overrides, load_deployment
+from hcxserve.gateway.app import build_app
+from hcxserve.gateway.fetch import MediaFetcher
+from hcxserve.gateway.llm_client import LLMClient
+from hcxserve.gateway.modalities import MediaInputs
+from hcxserve.gateway.serving import ChatCompletionServing
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, VisionEmbedding, VisionEncoding
-from hcxserve.serving import ChatCompletionServing
-from hcxserve.visual_inputs import VisualInputs
-from services.gateway import build_openai_app
 
 WIDTH = 8  # embedding width of the fake encoders (the spec the gateway checks against)
 PUBLIC_IP = "93.184.216.34"  # what FakeWeb's resolver answers for any host it is not told about; never contacted
@@ -238,20 +237,45 @@ class FakeWeb:
 
 
 @dataclass
-class Gateway:
-    """One track's gateway app and its fakes; `http` is the in-process HTTP client."""
+class TrackFakes:
+    """One track's fake components."""
 
-    track: str
-    http: TestClient
     llm: FakeLLM
     vision: FakeVisionEncoder
     audio: FakeAudioEncoder
-    web: FakeWeb
     config: Any
+
+
+@dataclass
+class Gateway:
+    """A deployment's gateway app and its fakes; `http` is the in-process HTTP client. `llm`, `vision`, `audio`
+    and `config` are those of the first track served (the one a single-track test is about)."""
+
+    track: str
+    http: TestClient
+    web: FakeWeb
+    tracks: dict[str, TrackFakes]
+    deployment: Any
+
+    @property
+    def llm(self) -> FakeLLM:
+        return self.tracks[self.track].llm
+
+    @property
+    def vision(self) -> FakeVisionEncoder:
+        return self.tracks[self.track].vision
+
+    @property
+    def audio(self) -> FakeAudioEncoder:
+        return self.tracks[self.track].audio
+
+    @property
+    def config(self) -> Any:
+        return self.tracks[self.track].config
 
     @property
     def prefix(self) -> str:
-        return self.config.gateway.route_prefixes[0]
+        return self.config.routes[0]
 
     def chat(self, body: dict[str, Any], prefix: str | None = None, **kwargs: Any) -> httpx.Response:
         return self.http.post(f"{prefix or self.prefix}/chat/completions", json=body, **kwargs)
@@ -287,9 +311,9 @@ class Gateway:
         await self.http.app(scope, receive, send)
         return status[0]
 
-    def stream(self, body: dict[str, Any]) -> list[dict[str, Any] | str]:
+    def stream(self, body: dict[str, Any], prefix: str | None = None) -> list[dict[str, Any] | str]:
         """The SSE events of a streamed request: decoded JSON objects, and "[DONE]"."""
-        response = self.chat({**body, "stream": True})
+        response = self.chat({**body, "stream": True}, prefix)
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("text/event-stream")
         events = []
@@ -302,22 +326,30 @@ class Gateway:
 
 
 @contextmanager
-def gateway(track: str = "a", **overrides: Any) -> Iterator[Gateway]:
-    """A running gateway of `track` over fakes; `overrides` are config keys (`media.max_images_per_request=2`)."""
-    env = {"HCX_OVERRIDES": " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in overrides.items())}
-    config = load_track_config(track, env=env)
-    llm, web = FakeLLM(), FakeWeb()
-    spec = VisionTowerSpec(out_hidden_size=WIDTH, spatial_merge_size=2, discrete=config.audio_encoder is not None)
-    vision, audio = FakeVisionEncoder(discrete=spec.discrete), FakeAudioEncoder()
-    fetcher = web.fetcher(config.media)
-    visual_inputs = VisualInputs(
-        config.media, fetcher=fetcher, spec=spec, encode_images=vision.encode, encode_videos=vision.encode_videos
-    )
-    audio_inputs = None
-    if config.audio_encoder is not None:
-        audio_inputs = AudioInputs(config.media, fetcher=fetcher, embed_dim=WIDTH, encode_audio=audio.encode)
-    llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
-    serving = ChatCompletionServing(config, llm=llm_client, visual_inputs=visual_inputs, audio_inputs=audio_inputs)
-    app = build_openai_app(config, lambda: serving)
+def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
+    """A running gateway serving `tracks` (default: track A) over fakes, on the embedded profile's configuration;
+    `overrides` are dotted config keys (`hcxserve.config.dotted_overrides`)."""
+    tracks = tracks or ("a",)
+    deployment = load_deployment(tracks, profile="embedded", overrides=dotted_overrides(tracks, overrides))
+    web = FakeWeb()
+    fakes: dict[str, TrackFakes] = {}
+    servings: dict[str, ChatCompletionServing] = {}
+    for config in deployment.served_tracks():
+        llm = FakeLLM()
+        spec = VisionTowerSpec(out_hidden_size=WIDTH, spatial_merge_size=2, discrete=config.track == "b")
+        vision, audio = FakeVisionEncoder(discrete=spec.discrete), FakeAudioEncoder()
+        components = {"vision_encoder": vision, "audio_encoder": audio}
+
+        async def encode(component: str, method: str, items: list, components=components) -> list:
+            return await getattr(components[component], method)(items)
+
+        media = MediaInputs(
+            config.llm.modalities, config.media, fetcher=web.fetcher(config.media), spec=spec, encode=encode,
+            track=config.track,
+        )  # fmt: skip
+        llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
+        servings[config.track] = ChatCompletionServing(config, deployment.gateway, llm=llm_client, media=media)
+        fakes[config.track] = TrackFakes(llm, vision, audio, config)
+    app = build_app(deployment, lambda: servings)
     with TestClient(app, raise_server_exceptions=False) as http:
-        yield Gateway(track, http, llm, vision, audio, web, config)
+        yield Gateway(tracks[0], http, web, fakes, deployment)

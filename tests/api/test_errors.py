@@ -202,7 +202,13 @@ def test_transport_failures(failure, status, stream):
     assert error["message"] == expected
 
 
-@pytest.mark.parametrize(("failure", "message"), [(httpx.ReadError("reset"), "The language model stream was interrupted."), (httpx.ReadTimeout("slow"), "The language model timed out.")])
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (httpx.ReadError("reset"), "The language model stream was interrupted."),
+        (httpx.ReadTimeout("slow"), "The language model timed out."),
+    ],
+)
 def test_a_transport_failure_mid_stream_is_an_error_event(failure, message):
     async def upstream():
         yield f"data: {json.dumps(chunk({'content': 'Pa'}))}\n\n".encode()

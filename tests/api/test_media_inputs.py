@@ -443,7 +443,9 @@ def test_track_a_refuses_audio_and_says_what_it_takes():
 
 def test_an_unsupported_audio_format_lists_the_supported_ones():
     with gateway("b", **{"media.audio_formats": ["wav", "flac"]}) as gw:
-        error = refused(gw.chat(user(input_audio(b64(WAV), fmt="mp3"))), 400, "messages[0].content[0].input_audio.format")
+        error = refused(
+            gw.chat(user(input_audio(b64(WAV), fmt="mp3"))), 400, "messages[0].content[0].input_audio.format"
+        )
     assert error["message"] == "messages[0].content[0]: audio format 'mp3' is not supported (supported: wav, flac)"
 
 

@@ -163,14 +163,22 @@ def test_health_follows_the_llm(upstream, status, state):
     with gateway() as gw:
         gw.llm.health_status = upstream
         response = gw.http.get("/health")
-    assert response.status_code == status and response.json() == {"status": state}
+    assert response.status_code == status and response.json() == {"status": state, "tracks": {"a": state}}
 
 
 def test_health_is_503_when_the_llm_is_unreachable():
     with gateway() as gw:
         gw.llm.failure = httpx.ConnectError("refused")
         response = gw.http.get("/health")
-    assert response.status_code == 503 and response.json() == {"status": "unavailable"}
+    assert response.status_code == 503 and response.json() == {"status": "unavailable", "tracks": {"a": "unavailable"}}
+
+
+def test_health_reports_each_track():
+    with gateway("a", "b") as gw:
+        gw.tracks["b"].llm.health_status = 503
+        response = gw.http.get("/health")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "tracks": {"a": "ok", "b": "unavailable"}}
 
 
 def test_chunks_are_passed_on_as_they_arrive():

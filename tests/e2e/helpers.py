@@ -1,12 +1,60 @@
-"""Reading answers in end-to-end tests."""
+"""Talking to the served bento in end-to-end tests, and reading its answers."""
 
 from __future__ import annotations
+
+import openai
+
+MODELS = {"a": "track_a_model", "b": "track_b_model"}
+GREEDY = {"temperature": 0.0, "seed": 0}
+# answer directly: track A reasons only when asked, track B unless told not to
+PLAIN = {"a": {}, "b": {"extra_body": {"chat_template_kwargs": {"skip_reasoning": True}}}}
+# reason first
+REASONING = {"a": {"extra_body": {"chat_template_kwargs": {"thinking": True}}}, "b": {}}
 
 # The same input sent twice, in another form, or through another implementation of the same fp32 network moves the
 # first token's logprobs by float noise (measured: at most 1.3e-5 nats, the bento against the whole VLM); inputs that
 # differ in content (another picture, another sound) move them by far more.
 SAME_INPUT = 1e-3  # nats
 CONTENT_CHANGE = 1e-2  # nats
+
+
+def client_for(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+
+
+def ask(client, messages, *, model: str, **kwargs):
+    """A greedy chat completion; `extra_body` entries merge."""
+    extra = {**kwargs.pop("extra_body", {})}
+    return client.chat.completions.create(
+        model=model, messages=messages, extra_body=extra or None, **{"max_tokens": 24, **GREEDY, **kwargs}
+    )
+
+
+def user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+def text(value):
+    return {"type": "text", "text": value}
+
+
+def image_url(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def merged(*option_sets: dict) -> dict:
+    """Request options combined, `extra_body` and its `chat_template_kwargs` merged rather than replaced."""
+    out: dict = {}
+    for options in option_sets:
+        for key, value in options.items():
+            if key == "extra_body":
+                body = {**out.get("extra_body", {})}
+                for k, v in value.items():
+                    body[k] = {**body.get(k, {}), **v} if isinstance(v, dict) else v
+                out["extra_body"] = body
+            else:
+                out[key] = value
+    return out
 
 
 def first_token_logprobs(response) -> dict[str, float]:
@@ -18,3 +66,7 @@ def logprob_distance(a, b) -> float:
     """Largest logprob difference over the first token's top candidates of `a` (missing in `b`: infinite)."""
     first_a, first_b = first_token_logprobs(a), first_token_logprobs(b)
     return max(abs(value - first_b[token]) if token in first_b else float("inf") for token, value in first_a.items())
+
+
+def reasoning_of(message) -> str | None:
+    return (message.model_extra or {}).get("reasoning_content")

@@ -1,5 +1,5 @@
-"""Track B end to end: the official `openai` SDK against a real multi-process `bentoml serve` (gateway, vision
-encoder with TA-Tok, audio encoder, and vLLM serving the Omni LLM class on the embedded default model)."""
+"""Track B end to end, beyond what every track does (tests/e2e/test_tracks.py): audio in every form and container,
+the Omni LLM's unit tokens, bad media, and the encoders batching concurrent requests."""
 
 from __future__ import annotations
 
@@ -7,23 +7,21 @@ import base64
 import json
 
 import httpx
-import openai
 import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import data_url, make_audio, make_av_media, make_png, make_video
-from tests.e2e.helpers import CONTENT_CHANGE, SAME_INPUT, logprob_distance
+from tests.e2e.helpers import CONTENT_CHANGE, GREEDY, MODELS, SAME_INPUT, client_for, logprob_distance
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "track_b_model"
-GREEDY = {"temperature": 0.0, "seed": 0}
+MODEL = MODELS["b"]
 NO_REASONING = {"chat_template_kwargs": {"skip_reasoning": True}}
 
 
 @pytest.fixture(scope="module")
-def client(track_b_server):
-    return openai.OpenAI(base_url=f"{track_b_server.url}/b/v1", api_key="unused", max_retries=0, timeout=300)
+def client(server):
+    return client_for(f"{server.url}/b/v1")
 
 
 def ask(client, content, **kwargs):
@@ -50,21 +48,6 @@ def image_url(url):
 def answer(response) -> str:
     message = response.choices[0].message
     return message.content or message.model_extra.get("reasoning_content") or ""
-
-
-def test_models_on_both_prefixes(track_b_server, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
-    plain = openai.OpenAI(base_url=f"{track_b_server.url}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in plain.models.list().data] == [MODEL]
-
-
-def test_text_reasons_by_default_and_skip_reasoning_answers_directly(client):
-    direct = ask(client, "What is the capital of France?", extra_body=NO_REASONING)
-    assert "Paris" in direct.choices[0].message.content
-    assert direct.choices[0].message.model_extra.get("reasoning_content") is None
-    reasoned = ask(client, "What is the capital of France?")
-    # the prompt opened a think block, so everything generated before `</think>` is reasoning
-    assert reasoned.choices[0].message.model_extra.get("reasoning_content")
 
 
 def test_thinking_budget_holds_for_a_prompt_with_embeddings(client):
@@ -135,23 +118,6 @@ def test_m4a_audio_and_a_video_files_sound_track(client):
     assert 45 <= rows <= 50, (m4a.usage.prompt_tokens, from_video.usage.prompt_tokens)
 
 
-def test_image_and_video(client, media_server):
-    base, _ = media_server
-    options = {"extra_body": NO_REASONING, "logprobs": True, "top_logprobs": 5}
-    question = text("Describe the image.")
-    image = ask(client, [image_url(f"{base}/red.png"), question], **options)
-    no_image = ask(client, [question], **options)
-    # a 64x48 image: a TA-Tok block of 16 codes in the embedded model plus 4 continuous rows, with their markers
-    assert image.usage.prompt_tokens >= no_image.usage.prompt_tokens + 16 + 4
-    assert answer(image)
-    other = ask(client, [image_url(data_url(make_png(64, 48, (20, 200, 20)))), question], **options)
-    assert other.usage.prompt_tokens == image.usage.prompt_tokens
-    assert logprob_distance(image, other) > CONTENT_CHANGE
-    video_part = {"type": "video_url", "video_url": {"url": f"{base}/clip.mp4"}}
-    video = ask(client, [video_part, text("Describe.")], extra_body=NO_REASONING)
-    assert answer(video) and video.usage.prompt_tokens > image.usage.prompt_tokens
-
-
 def test_everything_in_one_request_streams_like_it_answers(client, media_server):
     base, root = media_server
     content = [
@@ -178,21 +144,7 @@ def test_everything_in_one_request_streams_like_it_answers(client, media_server)
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
-def test_streaming_reasoning(client):
-    chunks = list(
-        client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": [audio(make_audio(1.0)), text("Hi")]}],
-            max_tokens=8,
-            stream=True,
-            **GREEDY,
-        )
-    )
-    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks if c.choices)
-    assert reasoning
-
-
-def test_discrete_codes_enter_the_prompt_as_unit_tokens(track_b_server, track_b_model_dir):
+def test_discrete_codes_enter_the_prompt_as_unit_tokens(server, track_b_model_dir):
     """Straight at the LLM component's vLLM: codes become `unit_0 + code` token ids (not raw ids, OmniServe's
     bug) between their block markers, and every continuous row gets one slot."""
     import io
@@ -224,7 +176,7 @@ def test_discrete_codes_enter_the_prompt_as_unit_tokens(track_b_server, track_b_
         {"type": "text", "text": "Hi"},
     ]
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 1}
-    url = f"http://127.0.0.1:{track_b_server.llm_port}/v1/chat/completions"
+    url = f"{server.llm_urls['b']}/v1/chat/completions"
     response = httpx.post(url, json={**body, "return_token_ids": True}, timeout=120)
     assert response.status_code == 200, response.text
     ids = response.json()["prompt_token_ids"]
@@ -248,7 +200,7 @@ def test_discrete_codes_enter_the_prompt_as_unit_tokens(track_b_server, track_b_
     content[0]["image_embeds"]["discrete_image_codes"] = [1]
     content[1]["audio_embeds"]["audio_embeds"] = b64(torch.zeros(5, hidden + 1))
     assert httpx.post(url, json=body, timeout=60).status_code == 400
-    assert httpx.get(f"http://127.0.0.1:{track_b_server.llm_port}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{server.llm_urls['b']}/health", timeout=10).status_code == 200
 
 
 def wav_header_only() -> bytes:
@@ -267,21 +219,19 @@ BAD_REQUESTS = [
     ([audio_ref("file:///etc/passwd")], 400, "messages[0].content[0]"),
     ([audio(make_audio(0.5))] * 5, 400, "messages"),
     # bad video: corrupt, too long, too many frames
-    ([{"type": "video_url", "video_url": {"url": data_url(b"nope", "video/mp4")}}], 400, "messages[0].content[0]"),
     (
         [{"type": "video_url", "video_url": {"url": data_url(make_video(seconds=25, fps=2), "video/mp4")}}],
         413,
         "messages[0].content[0]",
     ),
     ([{"type": "video", "video": [data_url(make_png(), "image/png")] * 300}], 400, "messages[0].content[0]"),
-    ([image_url(data_url(b"definitely not an image"))], 400, "messages[0].content[0]"),
 ]
 
 
 @pytest.mark.parametrize(("content", "status", "param"), BAD_REQUESTS)
-def test_bad_media_gets_an_openai_error(track_b_server, content, status, param):
+def test_bad_media_gets_an_openai_error(server, content, status, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
-    response = httpx.post(f"{track_b_server.url}/b/v1/chat/completions", json=body, timeout=120)
+    response = httpx.post(f"{server.url}/b/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -289,8 +239,8 @@ def test_bad_media_gets_an_openai_error(track_b_server, content, status, param):
     assert "Traceback" not in response.text
 
 
-def test_still_healthy_after_bad_input(track_b_server, client):
-    assert httpx.get(f"{track_b_server.url}/readyz", timeout=10).status_code == 200
+def test_still_healthy_after_bad_media(server, client):
+    assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
     assert ask(client, [audio(make_audio(1.0)), text("Hi")], max_tokens=4).choices[0].finish_reason
 
 

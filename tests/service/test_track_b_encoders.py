@@ -7,10 +7,14 @@ import json
 import pytest
 import torch
 
-from bentos.track_b import CONFIG, AudioEncoder, VisionEncoder
+from bentos.track_b import DEPLOYMENT, Gateway
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.payloads import AudioInput, ImageInput, VideoInput
 from tests.conftest import make_audio, make_av_media, make_png, make_video
+
+VisionEncoder = Gateway.dependencies["b_vision_encoder"].on
+AudioEncoder = Gateway.dependencies["b_audio_encoder"].on
+CONFIG = DEPLOYMENT.tracks["b"]
 
 
 @pytest.fixture(scope="module")
@@ -79,5 +83,5 @@ def test_a_video_files_sound_track_is_compressed(audio):
 
 def test_config_drives_the_services():
     assert AudioEncoder.apis["encode"].batchable
-    assert AudioEncoder.apis["encode"].max_batch_size == CONFIG.audio_encoder.max_batch_size
-    assert VisionEncoder.apis["encode"].max_batch_size == CONFIG.vision_encoder.max_batch_size
+    assert AudioEncoder.apis["encode"].max_batch_size == CONFIG.components.audio_encoder.max_batch_size
+    assert VisionEncoder.apis["encode"].max_batch_size == CONFIG.components.vision_encoder.max_batch_size

@@ -6,10 +6,13 @@ import io
 import pytest
 import torch
 
-from bentos.track_a import CONFIG, VisionEncoder
+from bentos.track_a import DEPLOYMENT, Gateway
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.payloads import ImageInput, VideoInput
 from tests.conftest import make_png, make_video
+
+VisionEncoder = Gateway.dependencies["a_vision_encoder"].on
+CONFIG = DEPLOYMENT.tracks["a"].components.vision_encoder
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +46,10 @@ def test_a_bad_image_does_not_fail_the_batch(encoder):
 
 
 def test_config_drives_the_service():
-    assert VisionEncoder.config["resources"]["gpu"] == CONFIG.vision_encoder.gpus
+    assert VisionEncoder.name == "TrackA-VisionEncoder"
+    assert VisionEncoder.config["resources"]["gpu"] == CONFIG.gpus
     api = VisionEncoder.apis["encode"]
-    assert api.batchable and api.max_batch_size == CONFIG.vision_encoder.max_batch_size
+    assert api.batchable and api.max_batch_size == CONFIG.max_batch_size
 
 
 def test_each_embedding_carries_only_its_own_rows(encoder):

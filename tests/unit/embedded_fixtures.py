@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from hcxserve.embedded import common
+from hcxserve.tooling.embedded import common
 
 
 def track_fixtures(prepare: Callable[[Path], Any], write: Callable[[Any, Path], None],

@@ -1,4 +1,4 @@
-"""hcxserve.audio: client audio bytes -> 16 kHz mono float32, with user-facing errors."""
+"""hcxserve.media.audio: client audio bytes -> 16 kHz mono float32, with user-facing errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from hcxserve.audio import AudioDecodeError, AudioTooLongError, decode_audio, sniff_audio_format
+from hcxserve.media.audio import AudioDecodeError, AudioTooLongError, decode_audio, sniff_audio_format
 from tests.conftest import make_av_media, make_video
 
 

@@ -398,9 +398,7 @@ def test_verify_catches_corrupted_output(think: FakeCheckpoint, tmp_path: Path, 
 
 
 def test_cli_verify_ok(omni: FakeCheckpoint, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert (
-        run_cli("-i", omni.root, "-o", tmp_path / "out", "-t", "b", "--verify", "--max-shard-size", "3KB", "-q") == 0
-    )
+    assert run_cli("-i", omni.root, "-o", tmp_path / "out", "-t", "b", "--verify", "--max-shard-size", "3KB", "-q") == 0
     assert "verified" in capsys.readouterr().out
 
 
@@ -770,11 +768,19 @@ def test_verify_names_missing_and_unexpected_tensors(omni: FakeCheckpoint, tmp_p
     del index["weight_map"][dropped]
     index_path.write_text(json.dumps(index))
     args = ("-c", "ae", "--max-shard-size", f"{shard_size}B")
-    _verify_fails(omni, tmp_path / "out", capsys, f"error: ae: tensor names differ (missing: {dropped}; unexpected: -)", *args)
+    _verify_fails(
+        omni, tmp_path / "out", capsys, f"error: ae: tensor names differ (missing: {dropped}; unexpected: -)", *args
+    )
     index = json.loads(original)
     index["weight_map"]["audio_model.ghost"] = sorted(index["weight_map"].values())[0]
     index_path.write_text(json.dumps(index))
-    _verify_fails(omni, tmp_path / "out", capsys, "error: ae: tensor names differ (missing: -; unexpected: audio_model.ghost)", *args)
+    _verify_fails(
+        omni,
+        tmp_path / "out",
+        capsys,
+        "error: ae: tensor names differ (missing: -; unexpected: audio_model.ghost)",
+        *args,
+    )
 
 
 def test_verify_reports_an_unreadable_index(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:

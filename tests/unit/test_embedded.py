@@ -16,16 +16,16 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from embedded_fixtures import track_fixtures  # noqa: E402
 
-from hcxserve.embedded import common  # noqa: E402
-from hcxserve.embedded.checks import (  # noqa: E402
+from hcxserve.tooling.embedded import common  # noqa: E402
+from hcxserve.tooling.embedded.checks import (  # noqa: E402
     check_mapping_parity,
     check_unified_checkpoint,
     render_chat,
     sample_answer,
     template_errors,
 )
-from hcxserve.embedded.tokenizer import roundtrip_errors  # noqa: E402
-from hcxserve.embedded.track_a import (  # noqa: E402
+from hcxserve.tooling.embedded.tokenizer import roundtrip_errors  # noqa: E402
+from hcxserve.tooling.embedded.track_a import (  # noqa: E402
     TRACK_A_CHAT_TEMPLATE,
     TrackAParts,
     build_identity,
@@ -226,7 +226,7 @@ def test_checkpoint_reload_checks(checkpoint: Path) -> None:
 
 
 def test_cli_reports_up_to_date(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from hcxserve.embedded.__main__ import main
+    from hcxserve.tooling.embedded.__main__ import main
 
     assert main(["--track", "a", "--output", str(checkpoint), "-q"]) == 0
     assert "up to date" in capsys.readouterr().out

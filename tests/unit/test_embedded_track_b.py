@@ -17,17 +17,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from embedded_fixtures import track_fixtures  # noqa: E402
 
-from hcxserve.embedded import common  # noqa: E402
-from hcxserve.embedded.checks import PARITY_PROMPT, check_mapping_parity, sample_answer  # noqa: E402
-from hcxserve.embedded.checks_b import check_track_b_checkpoint, new_token_mass  # noqa: E402
-from hcxserve.embedded.tokenizer import (  # noqa: E402
+from hcxserve.tooling.embedded import common  # noqa: E402
+from hcxserve.tooling.embedded.checks import PARITY_PROMPT, check_mapping_parity, sample_answer  # noqa: E402
+from hcxserve.tooling.embedded.checks_b import check_track_b_checkpoint, new_token_mass  # noqa: E402
+from hcxserve.tooling.embedded.tokenizer import (  # noqa: E402
     OMNI_SPECIAL_TOKENS,
     VISION_OUTPUT_TOKENS,
     audio_unit_token,
     image_unit_token,
     unit_block_errors,
 )
-from hcxserve.embedded.track_b import (  # noqa: E402
+from hcxserve.tooling.embedded.track_b import (  # noqa: E402
     CONFIG_TOKEN_IDS,
     TrackBParts,
     build_identity,
@@ -159,7 +159,7 @@ def test_checkpoint_files_and_prefixes(checkpoint: Path) -> None:
 
 
 def test_cli_reports_up_to_date(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from hcxserve.embedded.__main__ import main
+    from hcxserve.tooling.embedded.__main__ import main
 
     assert main(["--track", "b", "--output", str(checkpoint), "-q"]) == 0
     assert "up to date" in capsys.readouterr().out

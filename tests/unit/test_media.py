@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from hcxserve.config import MediaConfig
-from hcxserve.media import MediaFetcher, decode_image, probe_image
+from hcxserve.gateway.fetch import MediaFetcher
+from hcxserve.media.images import decode_image, probe_image
 from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
 from tests.api.harness import FakeWeb
 from tests.conftest import data_url, make_png
@@ -476,7 +477,9 @@ def test_the_default_client_times_out_on_a_server_that_never_answers():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         started = time.monotonic()
-        error = fetch_error(f"http://127.0.0.1:{server.server_address[1]}/x.png", allow_private_networks=True, fetch_timeout_s=0.5)
+        error = fetch_error(
+            f"http://127.0.0.1:{server.server_address[1]}/x.png", allow_private_networks=True, fetch_timeout_s=0.5
+        )
         assert error.message == "messages[0].content[0]: timed out fetching the URL"
         assert time.monotonic() - started < 2.5
     finally:
@@ -492,7 +495,7 @@ def test_the_default_client_ignores_proxy_settings(media_server, monkeypatch):
 
 
 def test_the_default_resolver_answers_with_addresses():
-    from hcxserve.media import resolve_host
+    from hcxserve.gateway.fetch import resolve_host
 
     addresses = asyncio.run(resolve_host("localhost"))
     assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from hcxserve.media.video import frame_indices, pad_to_temporal_patch, sample_video
 from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
-from hcxserve.video import frame_indices, pad_to_temporal_patch, sample_video
 from tests.conftest import make_video
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hcxserve.vllm_omni import MODALITIES, _checked_codes, _checked_embeds, modality_tokens
+from hcxserve.llm.omni import MODALITIES, _checked_codes, _checked_embeds, modality_tokens
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,194 @@
+"""Fetching client media: http(s) URLs, `data:` URLs and bare base64, under the limits of `MediaConfig`.
+
+This is the only place that touches client URLs. It refuses non-http schemes (no `file://`, no `s3://` with the
+server's credentials), and by default any address that is not public (loopback, private, link-local, multicast,
+and IPv6 forms that embed such an IPv4 address), re-checking every redirect hop, so a client cannot make the
+server probe its own network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+import httpx
+
+from hcxserve.config import MediaConfig
+from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
+
+_REDIRECT_CODES = {301, 302, 303, 307, 308}
+# `is_global` is True for these, yet none of them is a public unicast host a client may point us at
+_NOT_PUBLIC_V6 = (
+    ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed inside some networks)
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215)
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+Resolver = Callable[[str], Awaitable[list[str]]]
+
+
+async def resolve_host(host: str) -> list[str]:
+    """Every address `host` resolves to (the system resolver, off the event loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses a global IPv6 address carries (mapped, compatible, 6to4, NAT64): traffic to it can end up at
+    them. (Teredo's 2001::/32 is not global to begin with.)"""
+    out = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        out.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return out
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address that embeds no non-public IPv4 address."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if any(address in network for network in _NOT_PUBLIC_V6):
+            return False
+        return all(is_public_address(v4) for v4 in _embedded_ipv4(address))
+    return True
+
+
+@dataclass(frozen=True)
+class FetchedMedia:
+    data: bytes
+    source: str  # "url" | "data_url" | "base64"
+
+
+class MediaFetcher:
+    """`client` and `resolver` are for tests: an in-process transport and a faked DNS."""
+
+    def __init__(
+        self, config: MediaConfig, client: httpx.AsyncClient | None = None, resolver: Resolver = resolve_host
+    ) -> None:
+        self.config = config
+        self._resolve = resolver
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(config.fetch_timeout_s), follow_redirects=False, trust_env=False
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, ref: str, *, param: str, max_bytes: int | None = None) -> FetchedMedia:
+        """`max_bytes` defaults to the image limit."""
+        ref = ref.strip()
+        limit = max_bytes or self.config.max_image_bytes
+        try:
+            scheme = urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            raise MediaError(f"{param}: malformed URL", param=param) from None
+        if scheme == "data":
+            return FetchedMedia(self._decode_data_url(ref, param, limit), "data_url")
+        if scheme in ("http", "https"):
+            return FetchedMedia(await self._download(ref, param, limit), "url")
+        if scheme:
+            raise MediaError(f"{param}: unsupported URL scheme {scheme!r}; use http(s) or a data: URL", param=param)
+        return FetchedMedia(self._decode_base64(ref, param, limit), "base64")
+
+    # ------------------------------------------------------------------------------------------ inline data
+    @staticmethod
+    def _check_size(size: int, param: str, limit: int) -> None:
+        if size > limit:
+            raise PayloadTooLargeError(f"{param}: media is {size} bytes, over the limit of {limit}", param=param)
+
+    def _decode_base64(self, text: str, param: str, limit: int) -> bytes:
+        text = text.rstrip("=")
+        self._check_size(len(text) * 3 // 4, param, limit)  # the decoded size, known before decoding
+        try:
+            data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise MediaError(f"{param}: not a URL, data: URL or base64 data", param=param) from None
+        if not data:
+            raise MediaError(f"{param}: empty media", param=param)
+        return data
+
+    def _decode_data_url(self, url: str, param: str, limit: int) -> bytes:
+        header, sep, payload = url[5:].partition(",")
+        if not sep:
+            raise MediaError(f"{param}: malformed data: URL (no comma)", param=param)
+        if header.endswith(";base64"):
+            return self._decode_base64(payload.strip(), param, limit)
+        self._check_size(len(payload), param, limit)
+        data = unquote_to_bytes(payload)
+        if not data:
+            raise MediaError(f"{param}: empty media", param=param)
+        return data
+
+    # ------------------------------------------------------------------------------------------ URLs
+    async def _check_host(self, url: str, param: str) -> None:
+        if self.config.allow_private_networks:
+            return
+        host = urlsplit(url).hostname
+        if not host:
+            raise MediaError(f"{param}: URL has no host", param=param)
+        try:
+            addresses = [host] if _is_ip_literal(host) else await self._resolve(host)
+        except (socket.gaierror, UnicodeError):
+            raise MediaError(f"{param}: cannot resolve host {host!r}", param=param, code="unreachable_url") from None
+        if not addresses:
+            raise MediaError(f"{param}: cannot resolve host {host!r}", param=param, code="unreachable_url")
+        for text in addresses:
+            address = ipaddress.ip_address(text.split("%")[0])
+            if not is_public_address(address):
+                raise MediaError(
+                    f"{param}: URL host {host!r} resolves to a non-public address, which this server does not fetch",
+                    param=param,
+                    code="forbidden_url",
+                )
+
+    async def _download(self, url: str, param: str, limit: int) -> bytes:
+        for _ in range(self.config.max_redirects + 1):
+            await self._check_host(url, param)
+            try:
+                async with self._client.stream("GET", url, headers={"Accept": "image/*,*/*;q=0.5"}) as response:
+                    if response.status_code in _REDIRECT_CODES and "location" in response.headers:
+                        url = urljoin(url, response.headers["location"])
+                        if urlsplit(url).scheme not in ("http", "https"):
+                            raise MediaError(f"{param}: redirect to a non-http URL", param=param)
+                        continue
+                    if response.status_code != 200:
+                        raise MediaError(
+                            f"{param}: fetching the URL returned HTTP {response.status_code}",
+                            param=param,
+                            code="unreachable_url",
+                        )
+                    declared = response.headers.get("content-length", "")
+                    self._check_size(int(declared) if declared.isdigit() else 0, param, limit)
+                    buffer = io.BytesIO()
+                    async for chunk in response.aiter_bytes():
+                        buffer.write(chunk)
+                        self._check_size(buffer.tell(), param, limit)
+            except httpx.InvalidURL:
+                raise MediaError(f"{param}: malformed URL", param=param) from None
+            except httpx.TimeoutException:
+                raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None
+            except httpx.HTTPError as exc:
+                raise MediaError(
+                    f"{param}: could not fetch the URL ({type(exc).__name__})", param=param, code="unreachable_url"
+                ) from None
+            data = buffer.getvalue()
+            if not data:
+                raise MediaError(f"{param}: the URL returned no data", param=param)
+            return data
+        raise MediaError(f"{param}: too many redirects", param=param, code="unreachable_url")

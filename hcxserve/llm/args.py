@@ -1,0 +1,62 @@
+"""The vLLM OpenAI-server command line for a track's LLM component, built from its `LLMConfig`.
+
+Used by the LLM service and by the benchmarks (so "bare vLLM" baselines run the very same engine settings).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from hcxserve.config import TrackConfig
+
+
+def vllm_server_command(
+    track: TrackConfig, *, model: str | None = None, port: int | None = None, embeds_only: bool = True
+) -> list[str]:
+    """`embeds_only`: skip the vision tower inside vLLM (our VisionEncoder service runs it) and accept
+    precomputed `image_embeds`; False serves the whole VLM from pixels (the benchmark baseline)."""
+    llm = track.llm
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model or str(track.component_dir("llm")),
+        "--served-model-name",
+        llm.served_model_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port or llm.port),
+        "--tensor-parallel-size",
+        str(llm.tensor_parallel_size),
+        "--dtype",
+        llm.dtype,
+        "--max-model-len",
+        str(llm.max_model_len),
+        "--gpu-memory-utilization",
+        str(llm.gpu_memory_utilization),
+        "--chat-template",
+        str(track.resolve(llm.chat_template)),
+        "--chat-template-content-format",
+        "openai",
+        "--reasoning-parser",
+        llm.reasoning_parser,
+        "--reasoning-config",
+        json.dumps({"reasoning_start_str": llm.reasoning_start, "reasoning_end_str": llm.reasoning_end}),
+        "--enable-prefix-caching" if llm.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--disable-uvicorn-access-log",
+    ]
+    if embeds_only:
+        # limit 0 keeps vLLM from building or profiling encoders; precomputed embeddings are still accepted
+        cmd += ["--enable-mm-embeds", "--limit-mm-per-prompt", json.dumps(dict.fromkeys(llm.modalities, 0))]
+    if llm.architecture:
+        cmd += ["--hf-overrides", json.dumps({"architectures": [llm.architecture]})]
+    if llm.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", llm.tool_call_parser]
+    if llm.max_num_seqs:
+        cmd += ["--max-num-seqs", str(llm.max_num_seqs)]
+    if llm.enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd + list(llm.extra_args)

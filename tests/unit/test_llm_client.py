@@ -1,0 +1,140 @@
+"""The LLM client over real sockets: the URL forms BentoML hands out for a dependency (a Unix socket locally, TCP
+with `BENTOML_NO_UDS` or on BentoCloud), the `Runner-Name` header BentoCloud routes on, and its timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import socketserver
+import threading
+import time
+
+import pytest
+
+from hcxserve.gateway.llm_client import LLMClient
+from hcxserve.protocol.errors import UpstreamTimeoutError
+
+COMPLETION = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": []}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    seen: list[tuple[str, str, str | None]] = []
+    delay = 0.0
+
+    def _answer(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        self.seen.append(("GET", self.path, self.headers.get("Runner-Name")))
+        self._answer({})
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["content-length"]))
+        self.seen.append(("POST", self.path, self.headers.get("Runner-Name")))
+        time.sleep(self.delay)
+        self._answer(COMPLETION)
+
+    def address_string(self) -> str:  # a Unix socket peer has no address
+        return "local"
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+@pytest.fixture
+def handler():
+    class Handler(_Handler):
+        seen = []
+
+    return Handler
+
+
+def serve(server) -> None:
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def tcp_server(handler):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    serve(server)
+    yield server
+    server.shutdown()
+
+
+def talk(url: str, **options) -> None:
+    async def run():
+        client = LLMClient.for_url(url, **options)
+        try:
+            assert await client.healthy()
+            assert await client.chat({"messages": []}) == COMPLETION
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_unix_socket_url(handler, tmp_path):
+    path = str(tmp_path / "llm.sock")
+    server = _UnixHTTPServer(path, handler)
+    serve(server)
+    try:
+        talk(f"file://{path}", runner_name="TrackA-LLM")
+    finally:
+        server.shutdown()
+    assert handler.seen == [("GET", "/health", "TrackA-LLM"), ("POST", "/v1/chat/completions", "TrackA-LLM")]
+
+
+@pytest.mark.parametrize("form", ["tcp://127.0.0.1:{port}", "http://127.0.0.1:{port}", "http://127.0.0.1:{port}/"])
+def test_tcp_and_http_urls(handler, tcp_server, form):
+    talk(form.format(port=tcp_server.server_address[1]))
+    # the default Runner-Name is the service name BentoML gives the LLM
+    assert handler.seen == [("GET", "/health", "LLM"), ("POST", "/v1/chat/completions", "LLM")]
+
+
+def test_no_runner_name_header_when_none_is_given(handler, tcp_server):
+    talk(f"http://127.0.0.1:{tcp_server.server_address[1]}", runner_name=None)
+    assert [name for *_, name in handler.seen] == [None, None]
+
+
+def test_proxy_settings_are_ignored(handler, tcp_server, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    talk(f"http://127.0.0.1:{tcp_server.server_address[1]}")
+    assert len(handler.seen) == 2
+
+
+def test_the_configured_timeout_applies(handler, tcp_server):
+    handler.delay = 2.0
+
+    async def run():
+        client = LLMClient.for_url(f"http://127.0.0.1:{tcp_server.server_address[1]}", timeout=0.3)
+        try:
+            await client.chat({})
+        finally:
+            await client.aclose()
+
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeoutError):
+        asyncio.run(run())
+    assert time.monotonic() - started < 1.5
+
+
+def test_unhealthy_when_nothing_listens():
+    async def run():
+        client = LLMClient.for_url("http://127.0.0.1:9")
+        try:
+            return await client.healthy()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) is False
