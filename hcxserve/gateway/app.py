@@ -65,8 +65,7 @@ async def _respond(serving: ChatCompletionServing, body: ChatCompletionRequest):
 
 
 def build_app(deployment: Deployment, servings: Servings) -> FastAPI:
-    names = "+".join(t.upper() for t in deployment.served)
-    app = FastAPI(title=f"HyperCLOVAX track {names}", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     max_body = deployment.max_body_bytes()
 
     @app.exception_handler(APIError)

@@ -15,7 +15,6 @@ import io
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
@@ -69,12 +68,6 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     return True
 
 
-@dataclass(frozen=True)
-class FetchedMedia:
-    data: bytes
-    source: str  # "url" | "data_url" | "base64"
-
-
 class MediaFetcher:
     """`client` and `resolver` are for tests: an in-process transport and a faked DNS."""
 
@@ -90,8 +83,8 @@ class MediaFetcher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def fetch(self, ref: str, *, param: str, max_bytes: int | None = None) -> FetchedMedia:
-        """`max_bytes` defaults to the image limit."""
+    async def fetch(self, ref: str, *, param: str, max_bytes: int | None = None) -> bytes:
+        """The media's bytes; `max_bytes` defaults to the image limit."""
         ref = ref.strip()
         limit = max_bytes or self.config.max_image_bytes
         try:
@@ -99,12 +92,12 @@ class MediaFetcher:
         except ValueError:  # e.g. an unclosed IPv6 bracket
             raise MediaError(f"{param}: malformed URL", param=param) from None
         if scheme == "data":
-            return FetchedMedia(self._decode_data_url(ref, param, limit), "data_url")
+            return self._decode_data_url(ref, param, limit)
         if scheme in ("http", "https"):
-            return FetchedMedia(await self._download(ref, param, limit), "url")
+            return await self._download(ref, param, limit)
         if scheme:
             raise MediaError(f"{param}: unsupported URL scheme {scheme!r}; use http(s) or a data: URL", param=param)
-        return FetchedMedia(self._decode_base64(ref, param, limit), "base64")
+        return self._decode_base64(ref, param, limit)
 
     # ------------------------------------------------------------------------------------------ inline data
     @staticmethod

@@ -29,22 +29,23 @@ from hcxserve.protocol.errors import (
 logger = logging.getLogger(__name__)
 
 
+# enough connections for every stream the gateway may have open at once; a connection attempt that takes longer
+# than this means the LLM service is gone, however long generation itself may take
+_POOL = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+_CONNECT_TIMEOUT_S = 10.0
+_HEALTH_TIMEOUT_S = 5.0
+
+
 def make_http_client(url: str, *, runner_name: str | None, timeout: float) -> httpx.AsyncClient:
+    """A client for a dependency's URL as BentoML gives it: `file://<socket>`, `tcp://host:port` or http(s)."""
     parts = urlsplit(url)
-    headers = {"Runner-Name": runner_name} if runner_name else {}
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    if parts.scheme in ("file", "unix"):
-        transport = httpx.AsyncHTTPTransport(uds=parts.path, limits=limits)
-        base_url = "http://localhost"
-    else:
-        transport = httpx.AsyncHTTPTransport(limits=limits)
-        base_url = f"http://{parts.netloc}" if parts.scheme == "tcp" else url.rstrip("/")
+    unix_socket = parts.scheme == "file"
+    scheme = "http" if parts.scheme == "tcp" else parts.scheme
     return httpx.AsyncClient(
-        base_url=base_url,
-        transport=transport,
-        headers=headers,
-        timeout=httpx.Timeout(timeout, connect=10.0),
-        trust_env=False,
+        base_url="http://localhost" if unix_socket else f"{scheme}://{parts.netloc}",
+        transport=httpx.AsyncHTTPTransport(uds=parts.path if unix_socket else None, limits=_POOL),
+        headers={"Runner-Name": runner_name} if runner_name else {},
+        timeout=httpx.Timeout(timeout, connect=_CONNECT_TIMEOUT_S),
     )
 
 
@@ -79,7 +80,7 @@ class LLMClient:
 
     async def healthy(self) -> bool:
         try:
-            return (await self._client.get("/health", timeout=5.0)).status_code == 200
+            return (await self._client.get("/health", timeout=_HEALTH_TIMEOUT_S)).status_code == 200
         except httpx.HTTPError:
             return False
 

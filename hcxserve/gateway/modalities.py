@@ -137,7 +137,7 @@ class _VisualModality(Modality):
 
     async def fetch_image(self, url: str, param: str) -> bytes:
         """Fetch, and refuse a non-image or an over-sized one before any encoder work (header-only check)."""
-        data = (await self.fetcher.fetch(url, param=param)).data
+        data = await self.fetcher.fetch(url, param=param)
         probe_image(data, self.media, param=param)
         return data
 
@@ -173,8 +173,8 @@ class Videos(_VisualModality):
         max_pixels = min(part.max_pixels or media.video_max_pixels, media.video_max_pixels)
         source = part.video_url.url if isinstance(part, VideoURLPart) else part.video
         if isinstance(source, str):
-            fetched = await self.fetcher.fetch(source, param=ref.param, max_bytes=media.max_video_bytes)
-            return VideoInput(data=fetched.data, fps=fps, max_pixels=max_pixels)
+            data = await self.fetcher.fetch(source, param=ref.param, max_bytes=media.max_video_bytes)
+            return VideoInput(data=data, fps=fps, max_pixels=max_pixels)
         if len(source) > media.max_video_frames_given:
             raise InvalidRequestError(
                 f"{ref.param}: {len(source)} frames, at most {media.max_video_frames_given} are accepted",
@@ -235,8 +235,8 @@ class Audio(Modality):
                     code="unsupported_audio_format",
                 )
             source = url_inside_base64(source) or source
-        fetched = await self.fetcher.fetch(source, param=ref.param, max_bytes=self.media.max_audio_bytes)
-        return AudioInput(data=fetched.data, max_seconds=self.media.max_audio_seconds)
+        data = await self.fetcher.fetch(source, param=ref.param, max_bytes=self.media.max_audio_bytes)
+        return AudioInput(data=data, max_seconds=self.media.max_audio_seconds)
 
     def well_formed(self, embedding: AudioEmbedding) -> bool:
         # the audio encoder projects to the LLM's width, as the vision encoder does on track B

@@ -71,14 +71,14 @@ def test_invalid_fields_are_named(body, param):
 def test_a_body_that_is_not_json(content):
     with gateway() as gw:
         error = error_of(gw.http.post("/v1/chat/completions", content=content), 400)
-    assert error["code"] == "invalid_json"
+    assert (error["code"], error["message"]) == ("invalid_json", "the request body is not valid JSON")
 
 
 @pytest.mark.parametrize("content", [b"[]", b'"hi"', b"null", b"3"])
 def test_a_json_body_that_is_not_an_object(content):
     with gateway() as gw:
         error = error_of(gw.http.post("/v1/chat/completions", content=content), 400)
-    assert error["code"] == "invalid_json" and "object" in error["message"]
+    assert (error["code"], error["message"]) == ("invalid_json", "the request body must be a JSON object")
 
 
 # The body limit follows the media limits (inline media inflate by 4/3) plus 8 MiB for text: these overrides make
@@ -254,3 +254,9 @@ def test_unhandled_errors_are_a_500_envelope_without_internals():
         gw.llm.reply = {"choices": [{"message": {"tool_calls": [{"bogus": "/secret/path.py"}]}}]}
         error = error_of(gw.chat(hi()), 500)
     assert error["code"] == "internal_error" and "secret" not in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/a/v1/docs"])
+def test_no_generated_docs_or_schema_routes(path):
+    with gateway() as gw:
+        assert gw.http.get(path).status_code == 404

@@ -216,7 +216,9 @@ def test_upstream_data_lines_without_a_space_are_read():
 def test_sse_events_are_compact_utf8_json():
     with gateway() as gw:
         gw.llm.stream = sse(chunk({"content": "Café ☕"}))
-        raw = gw.chat(hi(stream=True)).text
+        response = gw.chat(hi(stream=True))
+        raw = response.text
+    assert response.headers["cache-control"] == "no-cache"  # proxies must not buffer or cache the stream
     first = raw.split("\n\n")[0]
     assert first.startswith('data: {"id":"chatcmpl-upstream","object":"chat.completion.chunk",')
     assert "Café ☕" in first and ", " not in first.replace("Café ☕", "")

@@ -31,13 +31,13 @@ def fetch(ref, **config):
 
 def test_data_url_and_bare_base64():
     png = make_png()
-    assert fetch(data_url(png)).data == png
-    assert fetch(base64.b64encode(png).decode()).data == png
+    assert fetch(data_url(png)) == png
+    assert fetch(base64.b64encode(png).decode()) == png
 
 
 def test_http_url_from_a_local_server(media_server):
     base, root = media_server
-    assert fetch(f"{base}/red.png", allow_private_networks=True).data == (root / "red.png").read_bytes()
+    assert fetch(f"{base}/red.png", allow_private_networks=True) == (root / "red.png").read_bytes()
 
 
 def test_private_addresses_are_refused_by_default(media_server):
@@ -161,7 +161,7 @@ def test_public_addresses_are_fetched(address):
     web = FakeWeb()
     web.dns["media.test"] = [address]
     web.pages["https://media.test/a.png"] = b"png bytes"
-    assert guarded(web, "https://media.test/a.png").data == b"png bytes"
+    assert guarded(web, "https://media.test/a.png") == b"png bytes"
     assert web.resolved == ["media.test"]
 
 
@@ -219,7 +219,7 @@ def test_redirects_are_followed_relative_and_absolute(status):
     web.redirect("http://a.test/start", "/moved/a.png", status)
     web.redirect("http://a.test/moved/a.png", "https://b.test/final.png", status)
     web.pages["https://b.test/final.png"] = b"final"
-    assert guarded(web, "http://a.test/start").data == b"final"
+    assert guarded(web, "http://a.test/start") == b"final"
     assert web.resolved == ["a.test", "a.test", "b.test"]
 
 
@@ -232,7 +232,7 @@ def test_redirect_limit(limit):
         web.pages[f"http://r{n}.test/"] = b"end"
         return web
 
-    assert guarded(chain_of(limit), "http://r0.test/", max_redirects=limit).data == b"end"
+    assert guarded(chain_of(limit), "http://r0.test/", max_redirects=limit) == b"end"
     web = chain_of(limit + 1)
     with pytest.raises(MediaError, match="too many redirects") as info:
         guarded(web, "http://r0.test/", max_redirects=limit)
@@ -267,7 +267,7 @@ def test_the_byte_limit_holds_for_declared_and_streamed_sizes():
     )
     web.pages["http://a.test/exact.png"] = b"x" * 100
     web.pages["http://a.test/over.png"] = b"x" * 101
-    assert len(guarded(web, "http://a.test/exact.png", max_image_bytes=100).data) == 100
+    assert len(guarded(web, "http://a.test/exact.png", max_image_bytes=100)) == 100
     for name in ("declared", "over"):
         with pytest.raises(PayloadTooLargeError):
             guarded(web, f"http://a.test/{name}.png", max_image_bytes=100)
@@ -292,7 +292,7 @@ def test_with_the_guard_off_private_hosts_are_fetched():
     web = FakeWeb()
     web.dns["internal.test"] = ["10.0.0.7"]
     web.pages["http://internal.test/a.png"] = b"ok"
-    assert guarded(web, "http://internal.test/a.png", allow_private_networks=True).data == b"ok"
+    assert guarded(web, "http://internal.test/a.png", allow_private_networks=True) == b"ok"
     assert web.resolved == []
 
 
@@ -348,7 +348,7 @@ def fetch_error(ref, **config):
     ],
 )
 def test_data_url_forms(url, data):
-    assert fetch(url).data == data
+    assert fetch(url) == data
 
 
 @pytest.mark.parametrize(
@@ -372,7 +372,7 @@ def test_inline_size_limit_is_exact(size):
     payload = b"x" * size
     for ref in (data_url(payload), base64.b64encode(payload).decode(), "data:text/plain," + "x" * size):
         if size <= 100:
-            assert fetch(ref, max_image_bytes=100).data == payload
+            assert fetch(ref, max_image_bytes=100) == payload
         else:
             with pytest.raises(PayloadTooLargeError) as info:
                 fetch(ref, max_image_bytes=100)
@@ -426,7 +426,14 @@ def test_redirect_errors_name_the_part():
         assert (info.value.message, info.value.param) == (message, "messages[0].content[0]")
 
 
-def test_a_declared_size_over_the_limit_is_refused_before_the_body_is_read():
+@pytest.mark.parametrize(
+    ("headers", "limit", "chunks_read"),
+    [
+        ({"content-length": "1000"}, 500, 0),  # a declared size over the limit: refused before the body is read
+        ({}, 250, 3),  # no declared size: the stream is cut off at the limit
+    ],
+)
+def test_the_body_is_read_no_further_than_the_limit(headers, limit, chunks_read):
     produced = []
 
     async def body():
@@ -435,32 +442,17 @@ def test_a_declared_size_over_the_limit_is_refused_before_the_body_is_read():
             yield b"x" * 100
 
     web = FakeWeb()
-    web.pages["http://a.test/big.png"] = lambda: httpx.Response(200, headers={"content-length": "1000"}, content=body())
+    web.pages["http://a.test/big.png"] = lambda: httpx.Response(200, headers=headers, content=body())
     with pytest.raises(PayloadTooLargeError) as info:
-        guarded(web, "http://a.test/big.png", max_image_bytes=500)
-    assert info.value.param == "messages[0].content[0]" and produced == []
-
-
-def test_a_streamed_body_is_cut_off_at_the_limit():
-    produced = []
-
-    async def body():
-        for _ in range(10):
-            produced.append(1)
-            yield b"x" * 100
-
-    web = FakeWeb()
-    web.pages["http://a.test/big.png"] = lambda: httpx.Response(200, content=body())  # no content-length
-    with pytest.raises(PayloadTooLargeError) as info:
-        guarded(web, "http://a.test/big.png", max_image_bytes=250)
-    assert info.value.param == "messages[0].content[0]" and len(produced) == 3
+        guarded(web, "http://a.test/big.png", max_image_bytes=limit)
+    assert info.value.param == "messages[0].content[0]" and len(produced) == chunks_read
 
 
 @pytest.mark.parametrize("length", ["abc", "-5", ""])
 def test_a_meaningless_content_length_is_ignored(length):
     web = FakeWeb()
     web.pages["http://a.test/x.png"] = lambda: httpx.Response(200, headers={"content-length": length}, content=b"ok")
-    assert guarded(web, "http://a.test/x.png").data == b"ok"
+    assert guarded(web, "http://a.test/x.png") == b"ok"
 
 
 # ---------------------------------------------------------------------------------------------- real sockets
@@ -491,7 +483,7 @@ def test_the_default_client_ignores_proxy_settings(media_server, monkeypatch):
     base, root = media_server
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
-    assert fetch(f"{base}/red.png", allow_private_networks=True).data == (root / "red.png").read_bytes()
+    assert fetch(f"{base}/red.png", allow_private_networks=True) == (root / "red.png").read_bytes()
 
 
 def test_the_default_resolver_answers_with_addresses():
@@ -533,3 +525,20 @@ def test_a_corrupt_image_body_is_named():
     with pytest.raises(MediaError) as info:
         decode_image(make_png(64, 64)[:-40], MediaConfig())
     assert info.value.param == "image"
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "I;16", "RGB"])
+def test_every_mode_decodes_to_rgb(mode):
+    from PIL import Image
+
+    image = Image.new(mode, (8, 8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    decoded = decode_image(buffer.getvalue(), MediaConfig())
+    assert decoded.mode == "RGB" and decoded.size == (8, 8)
+
+
+def test_an_undecodable_frame_is_named():
+    with pytest.raises(MediaError) as info:
+        decode_image(b"not an image", MediaConfig(), param="frame")
+    assert (info.value.param, info.value.message) == ("frame", "frame: the data is not a decodable image")

@@ -1,0 +1,127 @@
+"""The encoders' own work, in-process, on an accelerator or the CPU: the pipelines the encoder services run
+(`hcxserve.encoders`: decode, preprocess, forward, serialise), without BentoML around them.
+
+For each encoder of the embedded default models: items/s encoding 8 items as 8 calls of one item vs one call of 8
+(what adaptive batching buys, before any serving overhead), and, on an accelerator, how far its outputs (bf16) are
+from the same pipeline's fp32 outputs on the CPU (cosine similarity of the rows; agreement of the discrete codes).
+
+    .venv/bin/python benchmarks/bench_encoder_forward.py --out benchmarks/results/encoder_forward.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_encoders import machine, test_png, test_wav  # noqa: E402
+from hcxserve.config import load_track  # noqa: E402
+from hcxserve.protocol.payloads import AudioInput, ImageInput  # noqa: E402
+
+BATCH = 8
+
+
+def rows(embedding):
+    import torch
+
+    return torch.load(io.BytesIO(base64.b64decode(embedding.embeds_b64)), weights_only=True).float()
+
+
+def pipeline(kind: str, track: str, device: str, dtype: str):
+    from hcxserve.encoders.audio import AudioEncoderPipeline
+    from hcxserve.encoders.vision import VisionEncoderPipeline
+
+    config = load_track(track, profile="embedded")
+    cfg = getattr(config.components, kind).model_copy(update={"device": device, "dtype": dtype})
+    folder = config.component_dir(cfg.folder)
+    if kind == "vision_encoder":
+        return VisionEncoderPipeline.from_pretrained(folder, cfg, config.media)
+    return AudioEncoderPipeline.from_pretrained(folder, cfg)
+
+
+def items(kind: str, n: int) -> list:
+    if kind == "vision_encoder":
+        return [ImageInput(data=test_png(448 - 28 * (i % 3), 448)) for i in range(n)]
+    return [AudioInput(data=test_wav(3.0 + 0.25 * (i % 3)), max_seconds=60) for i in range(n)]
+
+
+def timed(fn, rounds: int, sync) -> float:
+    times = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(kind: str, track: str, device: str, dtype: str, rounds: int) -> dict:
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    encoder = pipeline(kind, track, device, dtype)
+    batch = items(kind, BATCH)
+    encoder.encode(batch)  # warm-up (kernels, allocator)
+    one_by_one = timed(lambda: [encoder.encode([item]) for item in batch], rounds, sync)
+    together = timed(lambda: encoder.encode(batch), rounds, sync)
+    result = {"bs1": BATCH / one_by_one, "batched": BATCH / together}
+    if device != "cpu":
+        reference = pipeline(kind, track, "cpu", "float32").encode(batch[:2])
+        ours = encoder.encode(batch[:2])
+        cosines, agree = [], []
+        for got, want in zip(ours, reference, strict=True):
+            a, b = rows(got.embedding), rows(want.embedding)
+            cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item())
+            if want.embedding.discrete_codes is not None:
+                same = [x == y for x, y in zip(got.embedding.discrete_codes, want.embedding.discrete_codes)]
+                agree.append(sum(same) / len(same))
+        result["min_cosine"] = min(cosines)
+        result["codes_agree"] = min(agree) if agree else None
+    return result
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    encoders = [("vision_encoder", "a"), ("vision_encoder", "b"), ("audio_encoder", "b")]
+    lines = [
+        f"# Encoder pipelines in-process ({time.strftime('%Y-%m-%d')}): batch of {BATCH} vs {BATCH} calls of one",
+        "",
+        f"- Machine: {machine()}",
+        f"- Device: {args.device} ({dtype}); embedded default encoders; items: 392-448 x 448 PNGs, 3-3.5 s WAVs",
+        f"- Command: `.venv/bin/python benchmarks/bench_encoder_forward.py {' '.join(sys.argv[1:])}`",
+        "",
+        "| encoder | items/s, one per call | items/s, batch of 8 | ratio | min cosine vs CPU fp32 | codes equal |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for kind, track in encoders:
+        r = measure(kind, track, args.device, dtype, args.rounds)
+        cosine = f"{r['min_cosine']:.4f}" if "min_cosine" in r else "-"
+        codes = f"{r['codes_agree']:.3f}" if r.get("codes_agree") is not None else "-"
+        name = f"{kind.replace('_', ' ')}, track {track.upper()}"
+        lines.append(
+            f"| {name} | {r['bs1']:.1f} | {r['batched']:.1f} | {r['batched'] / r['bs1']:.2f}x | {cosine} | {codes} |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
