@@ -19,7 +19,10 @@ def llm_service(track: TrackConfig) -> type:
         name=f"{track.name}-LLM",
         resources=llm.resources(),
         traffic={"timeout": llm.timeout_s},
-        endpoints={"livez": "/health", "readyz": "/health"},
+        # liveness is vLLM's own /health (through BentoML's proxy); readiness is BentoML's /readyz, ready once the
+        # proxy has seen vLLM healthy. Probing readiness through the proxy logged an ERROR for every probe that gave
+        # up while vLLM was still starting.
+        endpoints={"livez": "/health"},
         http={"proxy_port": llm.port},
         envs=[{"name": k, "value": v} for k, v in llm.env.items()],
     )
