@@ -16,11 +16,21 @@ Where values come from, later winning over earlier:
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +38,10 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 TRACKS = ("a", "b")
 Track = Literal["a", "b"]
 Modality = Literal["image", "video", "audio"]
+
+
+def _comma_list(value: Any) -> Any:
+    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
 
 
 class _Section(BaseModel):
@@ -158,11 +172,35 @@ class MediaConfig(_Section):
         default_factory=lambda: ["wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm", "mp4"],
         description="`input_audio.format` values accepted (mp4/webm: the sound track of a video file).",
     )
-    fetch_timeout_s: PositiveFloat = 15.0
+    max_image_aspect_ratio: PositiveFloat = Field(200.0, description="Longest side over shortest (the ViT's bound).")
+    min_audio_seconds: PositiveFloat = Field(0.1, description="Shortest clip (the encoder makes a row per 40 ms).")
+    allow_remote_media: bool = Field(True, description="Fetch http(s) media URLs at all (off: inline data only).")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="When set, the only hosts media URLs may name (`example.com`, `*.example.com`); their "
+        "addresses must still be public.",
+    )
+    allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs media URLs may reach even though they are not public (an operator's own storage).",
+    )
+    fetch_timeout_s: PositiveFloat = Field(15.0, description="Connect and per-read timeout of a fetch.")
+    fetch_deadline_s: PositiveFloat = Field(30.0, description="Total time one fetch may take, redirects included.")
+    media_deadline_s: PositiveFloat = Field(60.0, description="Total time fetching one request's media may take.")
+    max_concurrent_fetches: PositiveInt = Field(8, description="Downloads in flight at once for one request.")
     max_redirects: int = Field(3, ge=0)
     allow_private_networks: bool = Field(
         False, description="Let media URLs point at loopback/private/link-local addresses (SSRF guard off)."
     )
+
+    _lists = field_validator("allowed_hosts", "allowed_networks", mode="before")(_comma_list)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad entry
+        return value
 
     def max_inline_bytes(self) -> int:
         """The most media bytes one request may carry inline (base64 inflates them by 4/3)."""
@@ -217,15 +255,53 @@ class TrackConfig(_Section):
         return {kind: cfg for kind in ComponentsConfig.model_fields if (cfg := getattr(self.components, kind))}
 
 
-class GatewayConfig(_Section):
+class RequestLimits(_Section):
+    """Bounds on a chat request, each refused with a 400 naming its parameter. (Media limits: `MediaConfig`;
+    `max_tokens` and `thinking_token_budget` are bounded by the track's `max_model_len`.)"""
+
     max_n: PositiveInt = 8
+    max_total_tokens: PositiveInt = Field(131072, description="Ceiling of n x max_tokens (tokens one request may ask).")
+    max_messages: PositiveInt = 1024
+    max_text_chars: PositiveInt = Field(2_000_000, description="Characters of text over all messages.")
+    max_stop_sequences: PositiveInt = 16
+    max_stop_chars: PositiveInt = 256
+    max_tools: PositiveInt = 128
+    max_schema_bytes: PositiveInt = Field(65536, description="JSON size of `tools`, and of `response_format`.")
+    max_top_k: PositiveInt = 4096
+    max_json_depth: PositiveInt = Field(64, description="Nesting of the request body's JSON.")
+
+
+class AuthConfig(_Section):
+    """API keys of the gateway. Keys come from the environment (`HCX_AUTH__API_KEYS=k1,k2`, several for rotation)
+    or a file (`HCX_AUTH__API_KEYS_FILE`, one per line, e.g. a mounted secret); never from files in the repo."""
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without keys when none are configured (local use only; logged as a warning)."
+    )
+
+    _split = field_validator("api_keys", mode="before")(_comma_list)
+
+    def keys(self) -> list[str]:
+        """Every accepted key: the configured ones and the file's lines (blank lines and `#` comments skipped)."""
+        keys = [key.get_secret_value() for key in self.api_keys]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return keys
+
+
+class GatewayConfig(_Section):
     default_max_tokens: PositiveInt | None = None
     timeout_s: PositiveFloat = 900.0
     text_bytes: PositiveInt = Field(8 << 20, description="Request body allowance beyond the inline media limits.")
-
-
-def _comma_list(value: Any) -> Any:
-    return [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+    max_concurrent_requests: PositiveInt = Field(64, description="Chat requests in progress at once per worker.")
+    max_queued_requests: int = Field(
+        64, ge=0, description="Chat requests waiting for a slot; beyond them a request gets 429 at once."
+    )
+    retry_after_s: PositiveInt = Field(1, description="`Retry-After` of a 429.")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
 
 
 class Deployment(BaseSettings):
@@ -237,6 +313,7 @@ class Deployment(BaseSettings):
     profile: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_track: Track | None = Field(None, description="Owner of /v1 (default: the first served track).")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     tracks: dict[Track, TrackConfig]
 
     _split = field_validator("served", "profile", mode="before")(_comma_list)
@@ -281,8 +358,10 @@ class Deployment(BaseSettings):
     def served_tracks(self) -> list[TrackConfig]:
         return [self.tracks[t] for t in self.served]
 
-    def max_body_bytes(self) -> int:
-        return max(t.media.max_inline_bytes() for t in self.served_tracks()) + self.gateway.text_bytes
+    def max_body_bytes(self, track: str | None = None) -> int:
+        """The largest request body of `track`'s routes, or of any served track's (`/v1`)."""
+        tracks = [self.tracks[track]] if track else self.served_tracks()
+        return max(t.media.max_inline_bytes() for t in tracks) + self.gateway.text_bytes
 
 
 class _ProfileSetting(BaseSettings):
@@ -309,7 +388,7 @@ def dotted_overrides(tracks: list[str] | tuple[str, ...], dotted: dict[str, Any]
     data: dict[str, Any] = {}
     for key, value in dotted.items():
         path = key.split(".")
-        if path[0] in ("gateway", "default_track"):
+        if path[0] in ("gateway", "default_track", "auth"):
             paths = [path]
         elif path[0] in TRACKS:
             paths = [["tracks", *path]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import Deployment, TrackConfig
-from hcxserve.gateway.app import build_app
+from hcxserve.gateway.app import build_app, middlewares
 from hcxserve.gateway.fetch import MediaFetcher
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
@@ -87,4 +87,6 @@ def gateway_service(deployment: Deployment, *, name: str = "Gateway") -> type:
     service = bentoml.service(
         name=name, traffic={"timeout": deployment.gateway.timeout_s}, labels={"openai_endpoint": "/v1"}
     )(cls)
+    for middleware, options in middlewares(deployment):
+        service.add_asgi_middleware(middleware, **options)
     return bentoml.asgi_app(app, path="/")(service)

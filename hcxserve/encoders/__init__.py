@@ -4,8 +4,11 @@ delegate here."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Decoded = TypeVar("Decoded")
@@ -27,7 +30,9 @@ def encode_batch(
     refused: Callable[[ItemRefused], Any],
 ) -> list[Any]:
     """One result per item, in order: `refused(error)` for an item whose `decode` raised `ItemRefused`, else what
-    `encode` made of it; the decoded items are encoded together, so one bad item never fails the others."""
+    `encode` made of it. The decoded items are encoded together; when that fails, each is encoded alone, so an
+    item the model cannot take (whatever slipped past the checks) is refused alone and the others still succeed.
+    Only when every item fails alone is it the encoder's fault, and the error is raised."""
     results: list[Any] = [None] * len(items)
     decoded, positions = [], []
     for i, item in enumerate(items):
@@ -37,6 +42,25 @@ def encode_batch(
         except ItemRefused as exc:
             results[i] = refused(exc)
     if decoded:
-        for i, result in zip(positions, encode(decoded), strict=True):
+        for i, result in zip(positions, _encode_isolated(decoded, encode, refused), strict=True):
             results[i] = result
+    return results
+
+
+def _encode_isolated(decoded: list, encode: Callable[[list], Sequence[Any]], refused: Callable) -> Sequence[Any]:
+    try:
+        return encode(decoded)
+    except Exception:
+        if len(decoded) == 1:
+            raise
+        logger.warning("a batch of %d failed; encoding its items one by one", len(decoded), exc_info=True)
+    results, failures = [], []
+    for item in decoded:
+        try:
+            results.append(encode([item])[0])
+        except Exception as exc:  # noqa: BLE001 - decided below: this item's fault, or the encoder's
+            failures.append(exc)
+            results.append(refused(ItemRefused("the model could not encode this item")))
+    if len(failures) == len(decoded):
+        raise failures[-1]
     return results

@@ -34,7 +34,7 @@ class AudioEncoderPipeline:
     def encode(self, clips: list[AudioInput]) -> list[AudioEncoding]:
         def decode(clip: AudioInput):
             try:
-                return decode_audio(clip.data, max_seconds=clip.max_seconds)
+                return decode_audio(clip.data, max_seconds=clip.max_seconds, min_seconds=clip.min_seconds)
             except AudioDecodeError as exc:
                 raise ItemRefused(str(exc), 413 if isinstance(exc, AudioTooLongError) else 400) from None
 

@@ -12,17 +12,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from hcxserve.config import Deployment
+from hcxserve.gateway.admission import Admission
+from hcxserve.gateway.auth import APIKeyAuth
 from hcxserve.gateway.serving import ChatCompletionServing
 from hcxserve.protocol.errors import (
     APIError,
     InvalidRequestError,
+    MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
     internal_error,
@@ -39,16 +46,78 @@ def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status_code)
 
 
-async def _parse_request(request: Request, max_bytes: int) -> ChatCompletionRequest:
-    if int(request.headers.get("content-length") or 0) > max_bytes:
-        raise PayloadTooLargeError(f"request body is over the limit of {max_bytes} bytes")
-    raw = await request.body()
-    if len(raw) > max_bytes:
-        raise PayloadTooLargeError(f"request body is over the limit of {max_bytes} bytes")
+# bodies above this are parsed off the event loop, so one large upload does not stall every other request
+_PARSE_INLINE_BYTES = 256 << 10
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused as soon as it passes `max_bytes` (declared or not: chunked bodies count as they arrive)."""
+    too_large = PayloadTooLargeError(f"request body is over the limit of {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ValueError(text)
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(name)  # NaN, Infinity, -Infinity: not JSON, and vLLM cannot encode them either
+
+
+def _well_formed(value: Any, max_depth: int) -> bool:
+    """No nesting deeper than `max_depth` and no lone UTF-16 surrogate in any string (neither can be encoded
+    again for the LLM)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                return False
+        elif isinstance(node, (dict, list)):
+            if depth > max_depth:
+                return False
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return False
+                stack.append((child, depth + 1))
+    return True
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> Any:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
+    if not _well_formed(body, max_depth):
+        raise InvalidRequestError(
+            f"the request body nests deeper than {max_depth} levels or holds an invalid (lone surrogate) string",
+            code="invalid_json",
+        )
+    return body
+
+
+async def _parse_request(request: Request, max_bytes: int, max_depth: int) -> ChatCompletionRequest:
+    raw = await _read_body(request, max_bytes)
+    if len(raw) > _PARSE_INLINE_BYTES:
+        body = await asyncio.to_thread(parse_json_body, raw, max_depth)
+    else:
+        body = parse_json_body(raw, max_depth)
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
     try:
@@ -64,13 +133,37 @@ async def _respond(serving: ChatCompletionServing, body: ChatCompletionRequest):
     return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def middlewares(deployment: Deployment) -> list[tuple[type, dict[str, Any]]]:
+    """ASGI middlewares around the whole gateway (BentoML's own routes, `/metrics` among them, included), outermost
+    first: API keys, then admission control."""
+    gateway = deployment.gateway
+    admission = dict(
+        max_concurrent=gateway.max_concurrent_requests,
+        max_queued=gateway.max_queued_requests,
+        retry_after_s=gateway.retry_after_s,
+    )
+    return [(APIKeyAuth, {"auth": deployment.auth}), (Admission, admission)]
+
+
 def build_app(deployment: Deployment, servings: Servings) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    max_body = deployment.max_body_bytes()
+    max_depth = deployment.gateway.limits.max_json_depth
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # the framework's own refusals (unknown route, wrong method) in the same envelope as ours
+        if exc.status_code == 405:
+            error: APIError = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
+        elif exc.status_code == 404:
+            error = NotFoundError(f"No route {request.url.path}", code="not_found")
+        else:
+            error = InvalidRequestError(str(exc.detail))
+            error.status_code = exc.status_code
+        return _error_response(error)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -78,8 +171,10 @@ def build_app(deployment: Deployment, servings: Servings) -> FastAPI:
         return _error_response(internal_error())
 
     def track_routes(track: str) -> None:
+        max_body = deployment.max_body_bytes(track)
+
         async def chat_completions(request: Request):
-            return await _respond(servings()[track], await _parse_request(request, max_body))
+            return await _respond(servings()[track], await _parse_request(request, max_body, max_depth))
 
         async def models():
             return JSONResponse(ModelList(data=[servings()[track].model_card()]).model_dump())
@@ -89,7 +184,7 @@ def build_app(deployment: Deployment, servings: Servings) -> FastAPI:
             app.add_api_route(f"{route}/models", models, methods=["GET"])
 
     async def any_model_chat_completions(request: Request):
-        body = await _parse_request(request, max_body)
+        body = await _parse_request(request, deployment.max_body_bytes(), max_depth)
         by_track = servings()
         if not body.model:
             return await _respond(by_track[deployment.default_track], body)

@@ -3,7 +3,11 @@
 This is the only place that touches client URLs. It refuses non-http schemes (no `file://`, no `s3://` with the
 server's credentials), and by default any address that is not public (loopback, private, link-local, multicast,
 and IPv6 forms that embed such an IPv4 address), re-checking every redirect hop, so a client cannot make the
-server probe its own network.
+server probe its own network. A host is resolved once per hop and the connection goes to the address that was
+checked (the URL's host stays in `Host` and in TLS's SNI and certificate check), so a DNS answer that changes
+between check and connect (rebinding) cannot redirect it. Operators may narrow what is fetched (`allowed_hosts`),
+open their own networks (`allowed_networks`) or turn remote media off; every fetch has a total deadline, and so
+has the whole of one request's fetching, with a bounded number of downloads in flight.
 """
 
 from __future__ import annotations
@@ -11,10 +15,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
@@ -68,6 +76,36 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     return True
 
 
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """`host` is one of `allowed` (`example.com`), or under a wildcard entry (`*.example.com`)."""
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if host == entry or (entry.startswith("*.") and host.endswith(entry[1:])):
+            return True
+    return False
+
+
+@dataclass
+class _RequestBudget:
+    slots: asyncio.Semaphore
+    deadline: float  # time.monotonic()
+
+
+_budget: ContextVar[_RequestBudget | None] = ContextVar("media_fetch_budget", default=None)
+
+
+@contextlib.contextmanager
+def request_budget(config: MediaConfig) -> Iterator[None]:
+    """Every fetch made inside (and in tasks started inside) shares one request's download slots and deadline."""
+    token = _budget.set(_RequestBudget(asyncio.Semaphore(config.max_concurrent_fetches),
+                                       time.monotonic() + config.media_deadline_s))  # fmt: skip
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
 class MediaFetcher:
     """`client` and `resolver` are for tests: an in-process transport and a faked DNS."""
 
@@ -94,7 +132,13 @@ class MediaFetcher:
         if scheme == "data":
             return self._decode_data_url(ref, param, limit)
         if scheme in ("http", "https"):
-            return await self._download(ref, param, limit)
+            if not self.config.allow_remote_media:
+                raise MediaError(
+                    f"{param}: this server does not fetch media URLs; send the data inline (data: URL or base64)",
+                    param=param,
+                    code="remote_media_disabled",
+                )
+            return await self._download_within_budget(ref, param, limit)
         if scheme:
             raise MediaError(f"{param}: unsupported URL scheme {scheme!r}; use http(s) or a data: URL", param=param)
         return self._decode_base64(ref, param, limit)
@@ -129,12 +173,16 @@ class MediaFetcher:
         return data
 
     # ------------------------------------------------------------------------------------------ URLs
-    async def _check_host(self, url: str, param: str) -> None:
-        if self.config.allow_private_networks:
-            return
+    async def _checked_address(self, url: str, param: str) -> str | None:
+        """The address to connect to for `url`'s host, once it passed every check (None: the guard is off and
+        the client resolves as usual)."""
         host = urlsplit(url).hostname
         if not host:
             raise MediaError(f"{param}: URL has no host", param=param)
+        if self.config.allowed_hosts and not host_allowed(host, self.config.allowed_hosts):
+            raise MediaError(f"{param}: this server does not fetch from {host!r}", param=param, code="forbidden_url")
+        if self.config.allow_private_networks:
+            return None
         try:
             addresses = [host] if _is_ip_literal(host) else await self._resolve(host)
         except (socket.gaierror, UnicodeError):
@@ -143,18 +191,40 @@ class MediaFetcher:
             raise MediaError(f"{param}: cannot resolve host {host!r}", param=param, code="unreachable_url")
         for text in addresses:
             address = ipaddress.ip_address(text.split("%")[0])
-            if not is_public_address(address):
+            if not is_public_address(address) and not self._operator_network(address):
                 raise MediaError(
                     f"{param}: URL host {host!r} resolves to a non-public address, which this server does not fetch",
                     param=param,
                     code="forbidden_url",
                 )
+        return addresses[0].split("%")[0]
+
+    def _operator_network(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in self.config.allowed_networks)
+
+    async def _download_within_budget(self, url: str, param: str, limit: int) -> bytes:
+        budget = _budget.get()
+        deadline = time.monotonic() + self.config.fetch_deadline_s
+        if budget is not None:
+            deadline = min(deadline, budget.deadline)
+        slots = budget.slots if budget is not None else contextlib.nullcontext()
+        try:
+            async with slots, asyncio.timeout(deadline - time.monotonic()):
+                return await self._download(url, param, limit)
+        except TimeoutError:
+            raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None
 
     async def _download(self, url: str, param: str, limit: int) -> bytes:
         for _ in range(self.config.max_redirects + 1):
-            await self._check_host(url, param)
             try:
-                async with self._client.stream("GET", url, headers={"Accept": "image/*,*/*;q=0.5"}) as response:
+                address = await self._checked_address(url, param)
+                target, headers, extensions = httpx.URL(url), {"Accept": "image/*,*/*;q=0.5"}, {}
+                if address is not None:
+                    headers["Host"] = target.netloc.decode("ascii")
+                    if target.scheme == "https":
+                        extensions["sni_hostname"] = target.host  # SNI and the certificate check use the URL's host
+                    target = target.copy_with(host=address)
+                async with self._client.stream("GET", target, headers=headers, extensions=extensions) as response:
                     if response.status_code in _REDIRECT_CODES and "location" in response.headers:
                         url = urljoin(url, response.headers["location"])
                         if urlsplit(url).scheme not in ("http", "https"):
@@ -172,7 +242,7 @@ class MediaFetcher:
                     async for chunk in response.aiter_bytes():
                         buffer.write(chunk)
                         self._check_size(buffer.tell(), param, limit)
-            except httpx.InvalidURL:
+            except (httpx.InvalidURL, ValueError):
                 raise MediaError(f"{param}: malformed URL", param=param) from None
             except httpx.TimeoutException:
                 raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None

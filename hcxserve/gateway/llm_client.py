@@ -2,8 +2,8 @@
 
 BentoML gives dependency URLs as `file://<socket>` (Unix domain socket, the local default) or `tcp://host:port`;
 both are handled. Every call names the service in `Runner-Name`, which BentoCloud's load balancer routes on.
-vLLM's error bodies for bad requests (4xx) are passed on to the client; server-side failures are not, since
-they may describe internals.
+vLLM's refusals of bad requests (4xx) reach the client as our own messages, or as vLLM's when it is a short
+sentence about the request; anything describing internals (and every server-side failure) is logged, not relayed.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,18 +50,36 @@ def make_http_client(url: str, *, runner_name: str | None, timeout: float) -> ht
     )
 
 
+_CONTEXT_LENGTH = re.compile(r"maximum (?:context length is|model length of) (\d+)")
+# what vLLM's refusals carry when they describe its internals rather than the request: pydantic dumps, Python
+# reprs, tracebacks and paths
+_INTERNALS = re.compile(r"validation error|input_value|Traceback|File \"|\.py\b|site-packages|<class|\{'|\n")
+_MAX_RELAYED_CHARS = 300
+
+
 def _error_from_upstream(status: int, body: bytes) -> APIError:
-    message = ""
+    message, param = "", None
     try:
         payload = json.loads(body)
         error = payload.get("error", payload) if isinstance(payload, dict) else {}
         message = str(error.get("message") or error.get("detail") or "")
+        param = error.get("param") if isinstance(error.get("param"), str) else None
     except (ValueError, AttributeError):
         pass
+    if 400 <= status < 500:
+        logger.info("the LLM refused a request (HTTP %s): %s", status, message[:2000])
+        if context := _CONTEXT_LENGTH.search(message):
+            return InvalidRequestError(
+                f"The prompt plus max_tokens is longer than the model's context of {context.group(1)} tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if _INTERNALS.search(message) or len(message) > _MAX_RELAYED_CHARS:
+            message = ""  # the log has it; the client gets ours
     if status == 404:
         return NotFoundError(message or "Not found.")
     if 400 <= status < 500:
-        return InvalidRequestError(message or f"The model rejected the request (HTTP {status}).")
+        return InvalidRequestError(message or f"The model rejected the request (HTTP {status}).", param=param)
     if status == 503:
         return ServiceUnavailableError("The language model is not ready yet; retry shortly.")
     logger.error("LLM upstream error %s: %s", status, body[:2000])

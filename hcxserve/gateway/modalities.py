@@ -22,7 +22,7 @@ from typing import Any, ClassVar, get_args
 from pydantic import BaseModel
 
 from hcxserve.config import MODALITY_COMPONENT, MediaConfig
-from hcxserve.gateway.fetch import MediaFetcher
+from hcxserve.gateway.fetch import MediaFetcher, request_budget
 from hcxserve.media.images import probe_image
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.errors import (
@@ -135,11 +135,12 @@ class _VisualModality(Modality):
             item[f"discrete_{cls.name}_codes"] = embedding.discrete_codes
         return {"type": field, field: item}
 
-    async def fetch_image(self, url: str, param: str) -> bytes:
-        """Fetch, and refuse a non-image or an over-sized one before any encoder work (header-only check)."""
+    async def fetch_image(self, url: str, param: str) -> tuple[bytes, int]:
+        """The bytes and pixel count; a non-image or an over-sized one is refused before any encoder work
+        (header-only check)."""
         data = await self.fetcher.fetch(url, param=param)
-        probe_image(data, self.media, param=param)
-        return data
+        width, height = probe_image(data, self.media, param=param)
+        return data, width * height
 
 
 class Images(_VisualModality):
@@ -154,7 +155,8 @@ class Images(_VisualModality):
     async def prepare(self, ref: MediaRef) -> ImageInput:
         part = ref.content
         url = part.image_url.url if isinstance(part, ImageURLPart) else part.image
-        return ImageInput(data=await self.fetch_image(url, ref.param))
+        data, _ = await self.fetch_image(url, ref.param)
+        return ImageInput(data=data)
 
 
 class Videos(_VisualModality):
@@ -184,7 +186,14 @@ class Videos(_VisualModality):
         frames = await asyncio.gather(
             *(self.fetch_image(url, f"{ref.param}.video[{k}]") for k, url in enumerate(source))
         )
-        return VideoInput(frames=list(frames), fps=fps, max_pixels=max_pixels)
+        # the frames are decoded at full size before sampling: together they get one image's pixel budget
+        pixels = sum(count for _, count in frames)
+        if pixels > media.max_image_pixels:
+            raise PayloadTooLargeError(
+                f"{ref.param}: the frames hold {pixels} pixels together, over the limit of {media.max_image_pixels}",
+                param=ref.param,
+            )
+        return VideoInput(frames=[data for data, _ in frames], fps=fps, max_pixels=max_pixels)
 
 
 _URL = re.compile(rb"[a-z][a-z0-9+.-]*://[\x09-\x0d\x20-\x7e]*\Z", re.IGNORECASE)  # printable ASCII
@@ -236,7 +245,7 @@ class Audio(Modality):
                 )
             source = url_inside_base64(source) or source
         data = await self.fetcher.fetch(source, param=ref.param, max_bytes=self.media.max_audio_bytes)
-        return AudioInput(data=data, max_seconds=self.media.max_audio_seconds)
+        return AudioInput(data=data, max_seconds=self.media.max_audio_seconds, min_seconds=self.media.min_audio_seconds)
 
     def well_formed(self, embedding: AudioEmbedding) -> bool:
         # the audio encoder projects to the LLM's width, as the vision encoder does on track B
@@ -267,6 +276,7 @@ class MediaInputs:
         encode: EncoderCall,
         track: str,
     ) -> None:
+        self.media = media
         self.modalities = [MODALITIES[name](media, fetcher, spec) for name in modalities]
         self.encode = encode
         self.track = track
@@ -299,7 +309,8 @@ class MediaInputs:
         found = self.collect(request)
         for modality, refs in found.items():
             modality.check_count(refs)
-        encoded = await asyncio.gather(*(self._embed(modality, refs) for modality, refs in found.items() if refs))
+        with request_budget(self.media):
+            encoded = await asyncio.gather(*(self._embed(modality, refs) for modality, refs in found.items() if refs))
         return {key: part for parts in encoded for key, part in parts.items()}
 
     async def _embed(self, modality: Modality, refs: list[MediaRef]) -> dict[tuple[int, int], dict[str, Any]]:

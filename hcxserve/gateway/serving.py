@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from hcxserve.config import GatewayConfig, TrackConfig
+from hcxserve.gateway.limits import check_limits
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.responses import SSE_DONE, build_chunk, build_response, sse_error, sse_event
-from hcxserve.protocol.errors import APIError, InvalidRequestError, NotFoundError, internal_error
+from hcxserve.protocol.errors import APIError, NotFoundError, internal_error
 from hcxserve.protocol.openai import ChatCompletionRequest, ChatCompletionResponse, ModelCard, TextPart
 
 logger = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ class ChatCompletionServing:
             raise NotFoundError(
                 f"The model {request.model!r} does not exist; this endpoint serves {self.model_name!r}.", param="model"
             )
-        if request.n > self.gateway.max_n:
-            raise InvalidRequestError(f"n must be at most {self.gateway.max_n}", param="n")
+        check_limits(request, self.gateway.limits, max_model_len=self.track.llm.max_model_len)
 
     # ------------------------------------------------------------------------------------------ upstream request
     def _upstream_body(self, request: ChatCompletionRequest, embeddings: dict[tuple[int, int], Any]) -> dict[str, Any]:

@@ -66,7 +66,9 @@ def sniff_audio_format(data: bytes) -> str | None:
     return None
 
 
-def decode_audio(data: bytes, *, target_rate: int = 16000, max_seconds: float) -> DecodedAudio:
+def decode_audio(
+    data: bytes, *, target_rate: int = 16000, max_seconds: float, min_seconds: float = 0.0
+) -> DecodedAudio:
     """Decode, downmix to mono and resample to `target_rate`.
 
     The duration in the header is checked before the samples are decoded, so an over-long file costs no decoding;
@@ -83,6 +85,8 @@ def decode_audio(data: bytes, *, target_rate: int = 16000, max_seconds: float) -
         raise AudioDecodeError("audio contains no samples")
     if frames.shape[0] / rate > max_seconds:
         raise AudioTooLongError(frames.shape[0] / rate, max_seconds)
+    if frames.shape[0] / rate < min_seconds:
+        raise AudioDecodeError(f"audio is {frames.shape[0] / rate:.3f} s long, shorter than {min_seconds:g} s")
     mono = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
     if not np.isfinite(mono).all():
         raise AudioDecodeError("audio contains non-finite samples")

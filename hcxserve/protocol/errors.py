@@ -60,6 +60,26 @@ class NotFoundError(APIError):
     default_code = "model_not_found"
 
 
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class OverloadedError(APIError):
+    """Too many requests in progress; the client should retry after a moment."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "server_busy"
+
+
+class MethodNotAllowedError(APIError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
 class PayloadTooLargeError(InvalidRequestError):
     status_code = 413
     default_code = "payload_too_large"

@@ -66,6 +66,7 @@ class AudioInput(BaseModel):
 
     data: bytes = Field(repr=False)
     max_seconds: float
+    min_seconds: float = 0.0
 
 
 class AudioEmbedding(BaseModel):

@@ -59,12 +59,21 @@ def config_env(overrides: dict[str, Any]) -> dict[str, str]:
 
 
 def serve_bento(
-    target: str, log_path: Path, *, tracks: Sequence[str], overrides: dict[str, Any] | None = None
+    target: str,
+    log_path: Path,
+    *,
+    tracks: Sequence[str],
+    overrides: dict[str, Any] | None = None,
+    api_key: str | None = None,
 ) -> ServedProcess:
     """`bentoml serve target` on free ports; each track's LLM component (its own vLLM server) listens on a free
-    port too, at `llm_urls[track]`, for tests and benchmarks that talk to it directly."""
+    port too, at `llm_urls[track]`, for tests and benchmarks that talk to it directly. With `api_key`, the gateway
+    requires it (`headers` carries it)."""
     port, llm_ports = free_port(), {track: free_port() for track in tracks}
-    env = serve_env(**config_env({**{f"{t}.llm.port": p for t, p in llm_ports.items()}, **(overrides or {})}))
+    overrides = {**{f"{t}.llm.port": p for t, p in llm_ports.items()}, **(overrides or {})}
+    if api_key is not None:
+        overrides["auth.api_keys"] = api_key
+    env = serve_env(**config_env(overrides))
     server = ServedProcess(
         [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--port", str(port)],
         env,
@@ -72,6 +81,7 @@ def serve_bento(
         url=f"http://127.0.0.1:{port}",
     )
     server.llm_urls = {track: f"http://127.0.0.1:{p}" for track, p in llm_ports.items()}
+    server.headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
     return server
 
 
@@ -94,6 +104,7 @@ class ServedProcess:
         )
         self.ready_after_s: float | None = None
         self.llm_urls: dict[str, str] = {}
+        self.headers: dict[str, str] = {}
 
     def wait_ready(self, url: str, timeout: float) -> float:
         deadline = time.monotonic() + timeout

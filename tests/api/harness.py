@@ -27,7 +27,7 @@ import httpx
 from starlette.testclient import TestClient
 
 from hcxserve.config import dotted_overrides, load_deployment
-from hcxserve.gateway.app import build_app
+from hcxserve.gateway.app import build_app, middlewares
 from hcxserve.gateway.fetch import MediaFetcher
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
@@ -208,6 +208,7 @@ class FakeWeb:
         self.dns: dict[str, list[str]] = {}
         self.fetched: list[str] = []
         self.resolved: list[str] = []
+        self.connections: list[tuple[str, str | None]] = []  # (address connected to, TLS SNI name)
 
     def redirect(self, url: str, to: str, status: int = 302) -> None:
         self.pages[url] = httpx.Response(status, headers={"location": to})
@@ -217,9 +218,11 @@ class FakeWeb:
         return list(self.dns.get(host, [PUBLIC_IP]))
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
-        url = str(request.url)
+        # the fetcher connects to the address it checked and names the host in `Host`, as a server sees it
+        url = f"{request.url.scheme}://{request.headers['host']}{request.url.raw_path.decode()}"
         assert request.method == "GET" and "image/*" in request.headers["accept"], request
         self.fetched.append(url)
+        self.connections.append((request.url.host, request.extensions.get("sni_hostname")))
         page = self.pages.get(url)
         if page is None:
             return httpx.Response(404, text="not found")
@@ -351,5 +354,7 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
         servings[config.track] = ChatCompletionServing(config, deployment.gateway, llm=llm_client, media=media)
         fakes[config.track] = TrackFakes(llm, vision, audio, config)
     app = build_app(deployment, lambda: servings)
+    for middleware, options in reversed(middlewares(deployment)):
+        app = middleware(app, **options)
     with TestClient(app, raise_server_exceptions=False) as http:
         yield Gateway(tracks[0], http, web, fakes, deployment)

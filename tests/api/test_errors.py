@@ -4,6 +4,7 @@ request reached the LLM."""
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import pytest
@@ -35,7 +36,7 @@ def test_unknown_model_is_a_404_naming_the_served_one(track):
 
 
 def test_n_limit():
-    with gateway(**{"gateway.max_n": 3}) as gw:
+    with gateway(**{"gateway.limits.max_n": 3}) as gw:
         assert gw.chat(hi(n=3)).status_code == 200
         error = error_of(gw.chat(hi(n=4)), 400)
         assert error["param"] == "n" and "3" in error["message"]
@@ -123,11 +124,34 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading():
 
 # ---------------------------------------------------------------------------------------------- the LLM's answers
 @pytest.mark.parametrize("stream", [False, True])
-def test_llm_4xx_becomes_a_400_with_its_message(stream):
+def test_llm_context_length_refusal_becomes_ours(stream):
+    vllm_says = "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens (...)."
     with gateway() as gw:
-        gw.llm.status, gw.llm.error_body = 400, {"error": {"message": "This model's maximum context length is 4096"}}
+        gw.llm.status, gw.llm.error_body = 400, {"error": {"message": vllm_says}}
         error = error_of(gw.chat(hi(stream=stream)), 400)
-    assert "maximum context length" in error["message"] and error["type"] == "invalid_request_error"
+    assert error == {
+        "message": "The prompt plus max_tokens is longer than the model's context of 4096 tokens.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "1 validation error for ChatCompletionRequest\ntop_k\n  Input should be a valid integer [input_value=1e+30]",
+        'Error in preprocessing: File "/opt/vllm/entrypoints/openai/serving_chat.py", line 3',
+        "unexpected {'type': 'image_embeds'} in <class 'vllm.multimodal.Parser'>",
+        "x" * 301,
+    ],
+)
+def test_llm_4xx_describing_internals_is_not_relayed(message, caplog):
+    with gateway() as gw, caplog.at_level(logging.INFO):
+        gw.llm.status, gw.llm.error_body = 400, {"error": {"message": message, "param": "top_k"}}
+        error = error_of(gw.chat(hi()), 400)
+    assert error["message"] == "The model rejected the request (HTTP 400)." and error["param"] == "top_k"
+    assert message[:40] in caplog.text  # the operator still sees it
 
 
 @pytest.mark.parametrize("body", [{"detail": ""}, {"error": {"message": None}}, "a JSON string", [1, 2]])

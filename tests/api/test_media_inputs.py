@@ -273,6 +273,27 @@ def test_frame_list_length_limit():
         assert len(gw.llm.requests) == 1
 
 
+def test_a_frame_lists_pixels_are_counted_before_any_frame_is_decoded():
+    frame = data_url(make_png(100, 100))  # 10,000 pixels
+    with gateway(**{"media.max_image_pixels": 30_000}) as gw:
+        assert gw.chat(user({"type": "video", "video": [frame] * 3})).status_code == 200
+        error = refused(gw.chat(user({"type": "video", "video": [frame] * 4})), 413, "messages[0].content[0]",
+                        "payload_too_large")  # fmt: skip
+        assert error["message"] == (
+            "messages[0].content[0]: the frames hold 40000 pixels together, over the limit of 30000"
+        )
+        assert len(gw.vision.videos) == 1 and len(gw.llm.requests) == 1
+
+
+def test_remote_media_off_refuses_urls_and_takes_inline_data():
+    with gateway(**{"media.allow_remote_media": False}) as gw:
+        gw.web.pages["http://example.test/x.png"] = PNG
+        refused(gw.chat(user(image_url("http://example.test/x.png"))), 400, "messages[0].content[0]",
+                "remote_media_disabled")  # fmt: skip
+        assert gw.chat(user(image_url(data_url(PNG)))).status_code == 200
+        assert gw.web.fetched == [] and len(gw.llm.requests) == 1
+
+
 def test_video_count_limit():
     video = video_url(data_url(b"mp4", "video/mp4"))
     with gateway(**{"media.max_videos_per_request": 2}) as gw:

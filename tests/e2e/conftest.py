@@ -11,6 +11,7 @@ import pytest
 from hcxserve.config import PROJECT_ROOT, load_track
 from hcxserve.llm.args import vllm_server_command
 from hcxserve.tooling.testing import ServedProcess, free_port, serve_bento, serve_env
+from tests.e2e.helpers import API_KEY
 
 READY_TIMEOUT_S = float(os.environ.get("HCX_TEST_READY_TIMEOUT", 600))
 UNIFIED_TRACK_A = PROJECT_ROOT / "models" / "embedded" / "unified" / "track_a"
@@ -28,7 +29,7 @@ def server(track_a_model_dir, track_b_model_dir, tmp_path_factory):
         "b.media.max_video_seconds": 20,
     }
     log_path = tmp_path_factory.mktemp("logs") / "combined.log"
-    bento = serve_bento("bentos.combined:Gateway", log_path, tracks=TRACKS, overrides=overrides)
+    bento = serve_bento("bentos.combined:Gateway", log_path, tracks=TRACKS, overrides=overrides, api_key=API_KEY)
     try:
         bento.wait_ready(f"{bento.url}/readyz", READY_TIMEOUT_S)
         yield bento

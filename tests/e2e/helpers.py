@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import openai
 
 MODELS = {"a": "track_a_model", "b": "track_b_model"}
@@ -18,8 +20,12 @@ SAME_INPUT = 1e-3  # nats
 CONTENT_CHANGE = 1e-2  # nats
 
 
-def client_for(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+# the served bento requires this key (tests/e2e/conftest.py sets it)
+API_KEY = "sk-e2e-" + secrets.token_hex(8)
+
+
+def client_for(base_url: str, api_key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=300)
 
 
 def ask(client, messages, *, model: str, **kwargs):

@@ -58,5 +58,5 @@ def test_thinking_in_a_literal_extra_body_object(server):
         "messages": [{"role": "user", "content": "What is 3 + 4?"}],
         "extra_body": {"chat_template_kwargs": {"thinking": True}, "thinking_token_budget": 4},
     }
-    message = httpx.post(f"{server.url}/a/v1/chat/completions", json=body, timeout=300).json()
+    message = httpx.post(f"{server.url}/a/v1/chat/completions", json=body, headers=server.headers, timeout=300).json()
     assert message["choices"][0]["message"]["reasoning_content"]

@@ -231,7 +231,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(("content", "status", "param"), BAD_REQUESTS)
 def test_bad_media_gets_an_openai_error(server, content, status, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
-    response = httpx.post(f"{server.url}/b/v1/chat/completions", json=body, timeout=120)
+    response = httpx.post(f"{server.url}/b/v1/chat/completions", json=body, headers=server.headers, timeout=120)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

@@ -269,7 +269,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize(("body", "status", "param"), BAD_REQUESTS)
 def test_bad_input_gets_an_openai_error(server, track, body, status, param):
     response = httpx.post(
-        f"{server.url}/{track}/v1/chat/completions", json={"model": MODELS[track], **body}, timeout=60
+        f"{server.url}/{track}/v1/chat/completions", json={"model": MODELS[track], **body}, headers=server.headers, timeout=60
     )
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -279,7 +279,7 @@ def test_bad_input_gets_an_openai_error(server, track, body, status, param):
 
 
 def test_broken_json_and_unreachable_url_via_sdk(server, client, track):
-    response = httpx.post(f"{server.url}/{track}/v1/chat/completions", content=b"{not json", timeout=30)
+    response = httpx.post(f"{server.url}/{track}/v1/chat/completions", content=b"{not json", headers=server.headers, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     with pytest.raises(openai.BadRequestError) as info:
         ask(client, [user(image_url("http://127.0.0.1:9/x.png"), text("?"))], model=MODELS[track])
@@ -297,5 +297,6 @@ def test_still_healthy_after_bad_input(server, client, track):
 
 
 def test_metrics(server):
-    response = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 401  # behind the key, like the API
+    response = httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=10)
     assert response.status_code == 200 and "bentoml" in response.text

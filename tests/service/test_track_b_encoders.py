@@ -58,14 +58,16 @@ def test_audio_rows_and_codes_at_25_per_second(audio):
 
 
 def test_bad_and_long_clips_fail_alone_with_their_status(audio):
-    good, corrupt, long = audio.encode(
+    good, corrupt, long, short = audio.encode(
         [
-            AudioInput(data=make_audio(1.0), max_seconds=5),
+            AudioInput(data=make_audio(1.0), max_seconds=5, min_seconds=0.1),
             AudioInput(data=b"RIFF\x00\x00\x00\x00WAVEnot really", max_seconds=5),
             AudioInput(data=make_audio(seconds=8.0, rate=8000), max_seconds=5),
+            AudioInput(data=make_audio(seconds=0.03), max_seconds=5, min_seconds=0.1),  # under one encoder row
         ]
     )
     assert good.embedding is not None
+    assert short.embedding is None and short.status == 400 and "shorter than 0.1 s" in short.error
     assert corrupt.embedding is None and corrupt.status == 400 and "WAV" in corrupt.error
     assert long.embedding is None and long.status == 413 and "over the limit of 5 s" in long.error
 

@@ -542,3 +542,196 @@ def test_an_undecodable_frame_is_named():
     with pytest.raises(MediaError) as info:
         decode_image(b"not an image", MediaConfig(), param="frame")
     assert (info.value.param, info.value.message) == ("frame", "frame: the data is not a decodable image")
+
+
+def _saved(fmt: str, size=(16, 16), mode="RGB") -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_the_accepted_image_formats(fmt):
+    assert probe_image(_saved(fmt), MediaConfig(), param="p") == (16, 16)
+    assert decode_image(_saved(fmt), MediaConfig()).size == (16, 16)
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("DDS", "RGB"), ("SPIDER", "F"), ("BLP", "P"), ("ICO", "RGB"),
+                                           ("TGA", "RGB"), ("PCX", "RGB"), ("PPM", "RGB"), ("EPS", "RGB")])  # fmt: skip
+def test_pillow_formats_outside_the_list_are_refused_before_parsing(fmt, mode):
+    from PIL import Image
+
+    data = _saved(fmt, mode=mode)
+    assert Image.open(io.BytesIO(data)).size == (16, 16)  # Pillow itself would open it
+    with pytest.raises(MediaError, match="not a decodable image"):
+        probe_image(data, MediaConfig(), param="p")
+
+
+@pytest.mark.parametrize("size", [(4, 1000), (1000, 4), (3, 700)])
+def test_extreme_aspect_ratios_are_refused(size):
+    with pytest.raises(MediaError, match="elongated|smaller") as info:
+        probe_image(make_png(*size), MediaConfig(min_image_side=3), param="p")
+    assert info.value.status_code == 400
+    assert probe_image(make_png(5, 1000), MediaConfig(), param="p") == (5, 1000)  # 200:1 is the bound
+
+
+# ---------------------------------------------------------------------------------------------- pinning, allow-lists
+def test_the_connection_goes_to_the_address_that_was_checked():
+    """DNS rebinding: the host is resolved once per hop; a second answer (private) is never asked for."""
+    web = FakeWeb()
+    answers = iter([["93.184.216.34"], ["127.0.0.1"]])
+
+    async def rebinding(host):
+        web.resolved.append(host)
+        return next(answers)
+
+    web.pages["http://rebind.test/x.png"] = b"ok"
+
+    async def run():
+        fetcher = MediaFetcher(MediaConfig(), client=web.fetcher(MediaConfig())._client, resolver=rebinding)
+        return await fetcher.fetch("http://rebind.test/x.png", param="p")
+
+    assert asyncio.run(run()) == b"ok"
+    assert web.resolved == ["rebind.test"]
+    assert web.connections == [("93.184.216.34", None)]
+    assert web.fetched == ["http://rebind.test/x.png"]  # the server still sees its own host
+
+
+def test_https_keeps_the_host_name_for_sni_and_the_certificate():
+    web = FakeWeb()
+    web.dns["secure.test"] = ["2606:2800:220:1:248:1893:25c8:1946"]
+    web.pages["https://secure.test:8443/x.png"] = b"ok"
+    assert guarded(web, "https://secure.test:8443/x.png") == b"ok"
+    assert web.connections == [("2606:2800:220:1:248:1893:25c8:1946", "secure.test")]
+
+
+def test_each_redirect_hop_is_pinned_to_its_own_checked_address():
+    web = FakeWeb()
+    web.dns = {"a.test": ["93.184.216.34"], "b.test": ["93.184.216.35"]}
+    web.redirect("http://a.test/x.png", "http://b.test/y.png")
+    web.pages["http://b.test/y.png"] = b"ok"
+    assert guarded(web, "http://a.test/x.png") == b"ok"
+    assert [address for address, _ in web.connections] == ["93.184.216.34", "93.184.216.35"]
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [("cdn.example.com", True), ("example.com", True), ("a.b.example.com", True), ("evil.com", False),
+     ("example.com.evil.com", False), ("notexample.com", False), ("CDN.Example.COM", True)],
+)  # fmt: skip
+def test_allowed_hosts(host, allowed):
+    web = FakeWeb()
+    web.pages[f"http://{host.lower().rstrip('.')}/x.png"] = b"ok"
+    config = {"allowed_hosts": ["example.com", "*.example.com"]}
+    if allowed:
+        assert guarded(web, f"http://{host}/x.png", **config) == b"ok"
+    else:
+        with pytest.raises(MediaError) as info:
+            guarded(web, f"http://{host}/x.png", **config)
+        assert info.value.code == "forbidden_url" and web.resolved == []
+
+
+def test_allowed_hosts_still_need_public_addresses():
+    web = FakeWeb()
+    web.dns["internal.example.com"] = ["10.0.0.7"]
+    with pytest.raises(MediaError, match="non-public"):
+        guarded(web, "http://internal.example.com/x.png", allowed_hosts=["*.example.com"])
+
+
+def test_allowed_networks_open_an_operators_own_range_and_only_it():
+    web = FakeWeb()
+    web.dns = {"store.internal": ["10.1.2.3"], "other.internal": ["10.2.0.1"]}
+    web.pages["http://store.internal/x.png"] = b"ok"
+    assert guarded(web, "http://store.internal/x.png", allowed_networks=["10.1.0.0/16"]) == b"ok"
+    assert web.connections == [("10.1.2.3", None)]
+    with pytest.raises(MediaError, match="non-public"):
+        guarded(web, "http://other.internal/x.png", allowed_networks=["10.1.0.0/16"])
+
+
+def test_a_bad_network_in_the_configuration_is_named():
+    with pytest.raises(ValueError, match="10.0.0.0/33"):
+        MediaConfig(allowed_networks=["10.0.0.0/8", "10.0.0.0/33"])
+    assert MediaConfig(allowed_networks="10.0.0.0/8, 192.168.0.0/16").allowed_networks == [
+        "10.0.0.0/8",
+        "192.168.0.0/16",
+    ]
+
+
+@pytest.mark.parametrize("ref", ["http://a.test/x.png", "https://a.test/x.png"])
+def test_remote_media_can_be_turned_off(ref):
+    web = FakeWeb()
+    with pytest.raises(MediaError) as info:
+        guarded(web, ref, allow_remote_media=False)
+    assert info.value.code == "remote_media_disabled" and web.resolved == [] and web.fetched == []
+    assert guarded(web, data_url(b"inline"), allow_remote_media=False) == b"inline"
+
+
+def _slow_pages(web, n, seconds, log):
+    async def body():
+        log.append(("start", time.monotonic()))
+        await asyncio.sleep(seconds)
+        yield b"ok"
+        log.append(("end", time.monotonic()))
+
+    for i in range(n):
+        web.pages[f"http://slow.test/{i}.png"] = lambda: httpx.Response(200, content=body())
+
+
+def test_a_slow_drip_fetch_meets_its_total_deadline():
+    web, log = FakeWeb(), []
+    _slow_pages(web, 1, 5.0, log)
+    started = time.monotonic()
+    with pytest.raises(MediaError) as info:
+        guarded(web, "http://slow.test/0.png", fetch_deadline_s=0.3)
+    assert info.value.message == "messages[0].content[0]: timed out fetching the URL"
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_requests_fetches_share_one_deadline_and_a_bounded_number_of_slots():
+    from hcxserve.gateway.fetch import request_budget
+
+    web, log = FakeWeb(), []
+    _slow_pages(web, 6, 0.2, log)
+    config = MediaConfig(max_concurrent_fetches=2, media_deadline_s=0.5)
+
+    async def run():
+        fetcher = web.fetcher(config)
+        with request_budget(config):
+            return await asyncio.gather(
+                *(fetcher.fetch(f"http://slow.test/{i}.png", param=f"p{i}") for i in range(6)),
+                return_exceptions=True,
+            )
+
+    started = time.monotonic()
+    results = asyncio.run(run())
+    assert time.monotonic() - started < 1.2
+    # two at a time, 0.2 s each: four finish within 0.5 s, the last two are cut by the request's deadline
+    assert results[:4] == [b"ok"] * 4
+    assert all(isinstance(r, MediaError) and "timed out" in r.message for r in results[4:])
+    in_flight = max(sum(1 for kind, t in log if kind == "start" and t <= moment) -
+                    sum(1 for kind, t in log if kind == "end" and t <= moment) for _, moment in log)  # fmt: skip
+    assert in_flight == 2
+
+
+def test_pinned_fetch_over_a_real_socket_sends_the_hosts_name(media_server):
+    """With the guard on, an operator network opened for loopback, and a faked name: the connection goes to the
+    checked address, and the server reads the URL's host in `Host`."""
+    base, root = media_server
+    port = base.rsplit(":", 1)[1]
+    seen = []
+
+    async def resolver(host):
+        seen.append(host)
+        return ["127.0.0.1"]
+
+    async def run():
+        fetcher = MediaFetcher(MediaConfig(allowed_networks=["127.0.0.0/8"]), resolver=resolver)
+        try:
+            return await fetcher.fetch(f"http://media.test:{port}/red.png", param="p")
+        finally:
+            await fetcher.aclose()
+
+    assert asyncio.run(run()) == (root / "red.png").read_bytes()
+    assert seen == ["media.test"]

@@ -1,0 +1,270 @@
+"""What a hostile or careless client can send, and what it gets: API keys, malformed JSON, limits, unknown routes
+and overload. Every refusal is a 4xx OpenAI error object naming its parameter, and never reaches the LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from hcxserve.config import AuthConfig
+from hcxserve.gateway.admission import Admission
+from hcxserve.gateway.auth import APIKeyAuth
+from tests.api.harness import gateway
+
+TRACKS = ["a", "b"]
+KEYS = "key-one,key-two"
+
+
+def hi(**fields):
+    return {"messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def error_of(response, status, code=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+# ---------------------------------------------------------------------------------------------- API keys
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": "Bearer key-one"},
+        {"Authorization": "bearer key-two"},  # rotation: every configured key works
+        {"api-key": "key-one"},
+        {"x-api-key": "key-two"},
+    ],
+)
+def test_a_valid_key_in_any_client_header_is_accepted(headers):
+    with gateway(**{"auth.api_keys": KEYS}) as gw:
+        assert gw.chat(hi(), headers=headers).status_code == 200
+        assert gw.http.get("/v1/models", headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer key-three"}, {"Authorization": "key-one"}, {"Authorization": "Bearer "},
+     {"x-api-key": "key-one-and-more"}, {"api-key": "key-on"}],
+)  # fmt: skip
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/a/v1/chat/completions", "/v1/models", "/nowhere"])
+def test_a_missing_or_wrong_key_is_a_401_before_anything_else(headers, path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with gateway(**{"auth.api_keys": KEYS}) as gw:
+        response = gw.http.post(path, json=hi(), headers=headers)
+        error = error_of(response, 401, "invalid_api_key")
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert gw.llm.requests == []
+    assert error["type"] == "invalid_request_error" and "Authorization: Bearer" in error["message"]
+    assert "key-one" not in caplog.text and "key-two" not in caplog.text
+
+
+def test_probes_need_no_key():
+    with gateway(**{"auth.api_keys": KEYS}) as gw:
+        assert gw.http.get("/health").status_code == 200
+
+
+def test_keys_from_a_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# rotated 2026-11\nfile-key-old\n\n  file-key-new  \n")
+    with gateway(**{"auth.api_keys_file": str(keys)}) as gw:
+        for key in ("file-key-old", "file-key-new"):
+            assert gw.chat(hi(), headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        error_of(gw.chat(hi(), headers={"Authorization": "Bearer # rotated 2026-11"}), 401)
+
+
+def test_no_key_configured_refuses_to_start_unless_explicitly_allowed(caplog):
+    with pytest.raises(RuntimeError, match="HCX_AUTH__API_KEYS"):
+        APIKeyAuth(lambda *a: None, auth=AuthConfig())
+    with caplog.at_level(logging.WARNING):
+        APIKeyAuth(lambda *a: None, auth=AuthConfig(allow_unauthenticated=True))
+    assert "serves anyone" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- malformed JSON
+def raw_chat(gw, text: str | bytes, **kwargs):
+    data = text.encode() if isinstance(text, str) else text
+    return gw.http.post("/a/v1/chat/completions", content=data, headers={"content-type": "application/json"}, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,  # the C parser's recursion limit
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [' + "[" * 70 + "]" * 70 + "]}",  # over max depth
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"x": NaN}]}',
+        '{"messages": [{"role": "user", "content": "hi"}], "response_format": {"x": Infinity}}',
+        '{"messages": [{"role": "user", "content": "hi"}], "temperature": -Infinity}',
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1e999}]}',
+        '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+        '{"messages": [{"role": "user", "content": "hi", "name": "a\\udfffb"}]}',
+        '{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}',
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"\\ud800": 1}]}',
+        '{"messages": [{"role": "user", "content": "hi"}], "seed": ' + "9" * 5000 + "}",
+        b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',
+    ],
+    ids=["deep-array", "deep-tools", "nan", "infinity", "minus-infinity", "overflow", "surrogate-content",
+         "surrogate-name", "surrogate-stop", "surrogate-key", "huge-int", "bad-utf8"],
+)  # fmt: skip
+def test_json_the_llm_could_not_take_is_a_400(text):
+    with gateway() as gw:
+        error_of(raw_chat(gw, text), 400, "invalid_json")
+        assert gw.llm.requests == []
+
+
+def test_escaped_surrogate_pairs_are_text():
+    with gateway() as gw:
+        assert raw_chat(gw, '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}').status_code == 200
+    assert gw.llm.body["messages"][0]["content"] == "\U0001f600"
+
+
+def test_a_chunked_body_is_refused_once_over_the_limit():
+    received, sent = [], []
+
+    async def post_chunked(app):  # straight to the ASGI app: test clients buffer the whole body first
+        async def receive():
+            received.append(1)
+            return {"type": "http.request", "body": b" " * (1 << 20), "more_body": len(received) < 64}
+
+        async def send(message):
+            sent.append(message)
+
+        path = "/a/v1/chat/completions"
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"transfer-encoding", b"chunked")], "root_path": "", "scheme": "http",
+                 "http_version": "1.1", "client": ("127.0.0.1", 1), "server": ("gw", 80)}  # fmt: skip
+        await app(scope, receive, send)
+
+    small = {"media.max_image_bytes": 1, "media.max_video_bytes": 1, "media.max_audio_bytes": 1}
+    with gateway(**{"gateway.text_bytes": 1 << 20, **small}) as gw:
+        limit = gw.deployment.max_body_bytes("a")
+        asyncio.run(post_chunked(gw.http.app))
+    assert sent[0]["status"] == 413
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "payload_too_large" and str(limit) in error["message"]
+    assert len(received) <= limit // (1 << 20) + 1  # stopped reading at the limit
+
+
+def test_each_track_has_its_own_body_limit():
+    with gateway("a", "b", **{"b.media.max_audio_bytes": 1, "b.media.max_video_bytes": 1}) as gw:
+        limit_a, limit_b = gw.deployment.max_body_bytes("a"), gw.deployment.max_body_bytes("b")
+        assert limit_b < limit_a
+        padded = json.dumps(hi(user="x" * (limit_b + 10)))
+        error_of(gw.http.post("/b/v1/chat/completions", content=padded), 413)
+        assert gw.http.post("/a/v1/chat/completions", content=padded).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- limits
+LIMITED = [
+    (hi(max_tokens=4097), "max_tokens", "4096"),  # the embedded profile's max_model_len
+    (hi(max_completion_tokens=5000), "max_completion_tokens", "4096"),
+    (hi(min_tokens=5000), "min_tokens", "4096"),
+    (hi(thinking_token_budget=2**70), "thinking_token_budget", "4096"),
+    (hi(n=8, max_tokens=4000), "n", "16000"),
+    (hi(top_k=2**70), "top_k", "100"),
+    (hi(seed=2**70), "seed", None),
+    ({"messages": [{"role": "user", "content": "hi"}] * 11}, "messages", "10"),
+    ({"messages": [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "y" * 401}]},
+     "messages", "1000"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "z" * 1001}]}]}, "messages", "1000"),
+    (hi(stop=["a", "b", "c", "d", "e"]), "stop", "4"),
+    (hi(stop="s" * 33), "stop", "32"),
+    (hi(stop=["ok", "s" * 33]), "stop[1]", "32"),
+    (hi(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(5)]), "tools", "4"),
+    (hi(tools=[{"type": "function", "function": {"name": "f", "parameters": {"enum": list(range(500))}}}]),
+     "tools", "1024"),
+    (hi(response_format={"type": "json_schema", "json_schema": {"schema": {"enum": list(range(500))}}}),
+     "response_format", "1024"),
+]  # fmt: skip
+LIMITS = {
+    "gateway.limits.max_messages": 10, "gateway.limits.max_text_chars": 1000, "gateway.limits.max_stop_sequences": 4,
+    "gateway.limits.max_stop_chars": 32, "gateway.limits.max_tools": 4, "gateway.limits.max_schema_bytes": 1024,
+    "gateway.limits.max_top_k": 100, "gateway.limits.max_total_tokens": 16000,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("track", TRACKS)
+@pytest.mark.parametrize(("body", "param", "limit"), LIMITED, ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(LIMITED)])
+def test_each_limit_is_a_400_naming_its_parameter(track, body, param, limit):
+    with gateway(track, **LIMITS) as gw:
+        error = error_of(gw.chat(body), 400)
+        assert gw.llm.requests == []
+    assert error["param"] == param
+    if limit is not None:
+        assert limit in error["message"]
+
+
+def test_requests_at_the_limits_pass():
+    at_limits = hi(
+        max_tokens=2000, n=8, top_k=100, stop=["a", "b", "c", "s" * 32],
+        tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(4)],
+    )  # fmt: skip
+    with gateway(**LIMITS) as gw:
+        assert gw.chat(at_limits).status_code == 200
+        assert gw.chat({"messages": [{"role": "user", "content": "x" * 1000}] * 1}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- routes
+def test_unknown_routes_and_methods_are_openai_errors():
+    with gateway() as gw:
+        error = error_of(gw.http.get("/v2/chat/completions"), 404, "not_found")
+        assert "/v2/chat/completions" in error["message"]
+        error = error_of(gw.http.get("/a/v1/chat/completions"), 405, "method_not_allowed")
+        assert error["message"] == "GET is not allowed on /a/v1/chat/completions"
+
+
+# ---------------------------------------------------------------------------------------------- overload
+def test_overload_is_shed_at_once_with_429_and_retry_after():
+    async def scenario():
+        release = asyncio.Event()
+        started = []
+
+        async def app(scope, receive, send):
+            started.append(scope["path"])
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        admission = Admission(app, max_concurrent=2, max_queued=1, retry_after_s=3)
+
+        async def call(path="/v1/chat/completions"):
+            out = {}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    out["status"] = message["status"]
+                    out["headers"] = dict(message["headers"])
+                else:
+                    out["body"] = out.get("body", b"") + message.get("body", b"")
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {"type": "http", "path": path, "method": "POST", "headers": [], "query_string": b""}
+            await admission(scope, receive, send)
+            return out
+
+        admitted = [asyncio.create_task(call()) for _ in range(3)]  # two run, one waits
+        await asyncio.sleep(0.01)
+        assert len(started) == 2
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        shed = await call()
+        assert loop.time() - t0 < 0.1
+        assert shed["status"] == 429 and shed["headers"][b"retry-after"] == b"3"
+        error = json.loads(shed["body"])["error"]
+        assert error["type"] == "rate_limit_error" and error["code"] == "server_busy"
+        other = asyncio.create_task(call("/health"))  # only chat completions are admitted
+        await asyncio.sleep(0.01)
+        assert started[-1] == "/health"
+        release.set()
+        results = await asyncio.gather(*admitted, other)
+        assert [r["status"] for r in results] == [200] * 4
+        assert (await call())["status"] == 200  # slots come back
+
+    asyncio.run(scenario())
