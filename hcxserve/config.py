@@ -140,6 +140,9 @@ class LLMConfig(ComponentConfig):
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment of the vLLM process.")
     timeout_s: PositiveFloat = 600.0
     startup_timeout_s: PositiveFloat = 1800.0
+    shutdown_timeout_s: int = Field(
+        30, ge=0, description="On SIGTERM/SIGINT, how long vLLM finishes running requests before it aborts them."
+    )
 
     @model_validator(mode="after")
     def _gpus(self) -> LLMConfig:

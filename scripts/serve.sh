@@ -7,4 +7,5 @@ if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1); t
   export BENTOML_DISABLE_GPU_ALLOCATION=1
 fi
 export BENTOML_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1
-exec .venv/bin/bentoml serve "$@"
+# Ctrl-C / SIGTERM: running requests get this long to finish (the LLMs' vLLM drains as long: llm.shutdown_timeout_s)
+exec .venv/bin/bentoml serve --timeout-graceful-shutdown "${HCX_SHUTDOWN_GRACE_S:-30}" "$@"

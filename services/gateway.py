@@ -18,7 +18,7 @@ from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.serving import ChatCompletionServing
 from hcxserve.models.vision_spec import VisionTowerSpec
 from services.audio_encoder import audio_encoder_service
-from services.dependencies import call_dependency
+from services.dependencies import call_dependency, dependency_ready
 from services.llm import llm_service
 from services.vision_encoder import vision_encoder_service
 
@@ -58,7 +58,19 @@ class _Gateway:
                 track=track.track,
             )
             llm = LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=track.llm.timeout_s)
-            self.servings[track.track] = ChatCompletionServing(track, self.deployment.gateway, llm=llm, media=media)
+            probes = {
+                self.components[track.track][kind].name: self._readiness(f"{track.track}_{kind}")
+                for kind in track.encoders()
+            }
+            self.servings[track.track] = ChatCompletionServing(
+                track, self.deployment.gateway, llm=llm, media=media, probes=probes
+            )
+
+    def _readiness(self, attribute: str):
+        async def probe() -> bool:
+            return await dependency_ready(getattr(self, attribute))
+
+        return probe
 
     def _encoder_call(self, track: str):
         async def call(component: str, method: str, items: list):

@@ -81,7 +81,7 @@ def _error_from_upstream(status: int, body: bytes) -> APIError:
     if 400 <= status < 500:
         return InvalidRequestError(message or f"The model rejected the request (HTTP {status}).", param=param)
     if status == 503:
-        return ServiceUnavailableError("The language model is not ready yet; retry shortly.")
+        return ServiceUnavailableError("The language model is unavailable; retry shortly.")
     logger.error("LLM upstream error %s: %s", status, body[:2000])
     return UpstreamError("The language model failed to process the request.")
 

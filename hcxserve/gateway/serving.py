@@ -6,8 +6,9 @@ The same pipeline serves every track; what a track accepts and which components 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from hcxserve.config import GatewayConfig, TrackConfig
@@ -45,18 +46,37 @@ _PASSTHROUGH_FIELDS = (
 )
 
 
+# a component's readiness probe (the encoders' BentoML /readyz, through their dependency clients)
+Probe = Callable[[], Awaitable[bool]]
+
+
 class ChatCompletionServing:
-    def __init__(self, track: TrackConfig, gateway: GatewayConfig, *, llm: LLMClient, media: MediaInputs) -> None:
+    def __init__(
+        self,
+        track: TrackConfig,
+        gateway: GatewayConfig,
+        *,
+        llm: LLMClient,
+        media: MediaInputs,
+        probes: Mapping[str, Probe] | None = None,
+    ) -> None:
         self.track = track
         self.gateway = gateway
         self.llm = llm
         self.media = media
+        self.probes = dict(probes or {})
         self.model_name = track.llm.served_model_name
         self.model_names = {self.model_name, *track.llm.aliases}
 
     # ------------------------------------------------------------------------------------------ public API
     def model_card(self) -> ModelCard:
         return ModelCard(id=self.model_name, max_model_len=self.track.llm.max_model_len)
+
+    async def components_ready(self) -> dict[str, bool]:
+        """Every component of the track by service name (`TrackA-LLM`, ...): whether it answers."""
+        probes = {f"{self.track.name}-LLM": self.llm.healthy, **self.probes}
+        states = await asyncio.gather(*(probe() for probe in probes.values()))
+        return dict(zip(probes, states))
 
     async def create(self, request: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
         """Return a response, or an async iterator of SSE strings whose first chunk has already arrived

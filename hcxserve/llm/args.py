@@ -47,6 +47,8 @@ def vllm_server_command(
         json.dumps({"reasoning_start_str": llm.reasoning_start, "reasoning_end_str": llm.reasoning_end}),
         "--enable-prefix-caching" if llm.enable_prefix_caching else "--no-enable-prefix-caching",
         "--disable-uvicorn-access-log",
+        "--shutdown-timeout",
+        str(llm.shutdown_timeout_s),
     ]
     if embeds_only:
         # limit 0 keeps vLLM from building or profiling encoders; precomputed embeddings are still accepted

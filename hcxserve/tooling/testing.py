@@ -18,6 +18,8 @@ import psutil
 
 from hcxserve.config import PROJECT_ROOT, TRACKS
 
+SHUTDOWN_GRACE_S = 30  # as scripts/serve.sh: how long running requests get to finish on SIGTERM
+
 
 def nvidia_gpu_count() -> int:
     """GPUs the NVIDIA driver reports (NVML, which BentoML's allocator reads too); 0 where there is no driver."""
@@ -75,7 +77,8 @@ def serve_bento(
         overrides["auth.api_keys"] = api_key
     env = serve_env(**config_env(overrides))
     server = ServedProcess(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--port", str(port)],
+        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--port", str(port),
+         "--timeout-graceful-shutdown", str(SHUTDOWN_GRACE_S)],  # fmt: skip
         env,
         log_path,
         url=f"http://127.0.0.1:{port}",

@@ -84,6 +84,8 @@ class FakeLLM:
         self.failure: Exception | None = None
         self.health_status = 200
         self.stream_body: Callable[[], Any] | None = None  # an async iterator of raw SSE bytes, when set
+        self.hold: asyncio.Event | None = None  # when set, chat requests wait for it before answering
+        self.cancelled = 0  # chat requests whose caller gave up while they were held
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
@@ -92,6 +94,19 @@ class FakeLLM:
                 raise self.failure
             return httpx.Response(self.health_status)
         assert (request.method, request.url.path) == ("POST", "/v1/chat/completions"), request
+        if self.hold is not None:
+            return self._held(request)  # httpx's MockTransport awaits a coroutine
+        return self._answer(request)
+
+    async def _held(self, request: httpx.Request) -> httpx.Response:
+        try:
+            await self.hold.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return self._answer(request)
+
+    def _answer(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(json.loads(request.content))
         if self.failure is not None:
             raise self.failure
@@ -138,6 +153,7 @@ class FakeVisionEncoder:
     images: list[Any] = field(default_factory=list)
     videos: list[Any] = field(default_factory=list)
     calls: int = 0
+    ready: bool = True  # what its readiness probe answers
     image_results: Callable[[list], list] | None = None
     video_results: Callable[[list], list] | None = None
     error: Exception | None = None
@@ -185,6 +201,7 @@ def audio_encoding(tag: str = "AUD0", rows: int = 3, dim: int = WIDTH, codes: li
 class FakeAudioEncoder:
     clips: list[Any] = field(default_factory=list)
     calls: int = 0
+    ready: bool = True
     results: Callable[[list], list] | None = None
     error: Exception | None = None
 
@@ -239,6 +256,13 @@ class FakeWeb:
         return MediaFetcher(media_config, client=client, resolver=self.resolve)
 
 
+def fakes_ready(fake):
+    async def probe() -> bool:
+        return fake.ready
+
+    return probe
+
+
 @dataclass
 class TrackFakes:
     """One track's fake components."""
@@ -283,9 +307,11 @@ class Gateway:
     def chat(self, body: dict[str, Any], prefix: str | None = None, **kwargs: Any) -> httpx.Response:
         return self.http.post(f"{prefix or self.prefix}/chat/completions", json=body, **kwargs)
 
-    async def asgi_chat(self, body: dict[str, Any], on_body: Callable[[bytes], Any]) -> int:
+    async def asgi_chat(
+        self, body: dict[str, Any], on_body: Callable[[bytes], Any], disconnect: asyncio.Event | None = None
+    ) -> int:
         """POST to the app's ASGI interface directly (no client that buffers the response); `on_body` sees each
-        body message as the app sends it. Returns the status."""
+        body message as the app sends it; the client goes away when `disconnect` is set. Returns the status."""
         path = f"{self.prefix}/chat/completions"
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
@@ -299,7 +325,10 @@ class Gateway:
         async def receive() -> dict[str, Any]:
             if messages:
                 return messages.pop()
-            await done.wait()  # the client stays connected until the response is complete
+            gone = [asyncio.ensure_future(e.wait()) for e in (done, disconnect) if e is not None]
+            await asyncio.wait(gone, return_when=asyncio.FIRST_COMPLETED)  # connected until one of them
+            for waiter in gone:
+                waiter.cancel()
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
@@ -351,7 +380,11 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
             track=config.track,
         )  # fmt: skip
         llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
-        servings[config.track] = ChatCompletionServing(config, deployment.gateway, llm=llm_client, media=media)
+        probes = {f"{config.name}-{kind.title().replace('_', '')}": fakes_ready(components[kind])
+                  for kind in config.encoders()}  # fmt: skip
+        servings[config.track] = ChatCompletionServing(
+            config, deployment.gateway, llm=llm_client, media=media, probes=probes
+        )
         fakes[config.track] = TrackFakes(llm, vision, audio, config)
     app = build_app(deployment, lambda: servings)
     for middleware, options in reversed(middlewares(deployment)):

@@ -189,7 +189,7 @@ def test_llm_503_is_a_503(stream):
         gw.llm.status = 503
         error = error_of(gw.chat(hi(stream=stream)), 503)
     assert error["type"] == "service_unavailable"
-    assert error["message"] == "The language model is not ready yet; retry shortly."
+    assert error["message"] == "The language model is unavailable; retry shortly."
 
 
 @pytest.mark.parametrize("status", [500, 502])

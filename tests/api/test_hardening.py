@@ -268,3 +268,88 @@ def test_overload_is_shed_at_once_with_429_and_retry_after():
         assert (await call())["status"] == 200  # slots come back
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------- disconnects
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_cancels_the_llms_work(stream):
+    async def scenario(gw):
+        gw.llm.hold = asyncio.Event()  # the LLM is still generating
+        gone = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.2, gone.set)
+        received = []
+
+        async def on_body(data):
+            received.append(data)
+
+        status = await asyncio.wait_for(gw.asgi_chat(hi(stream=stream), on_body, disconnect=gone), timeout=5)
+        return status, received
+
+    with gateway() as gw:
+        status, received = asyncio.run(scenario(gw))
+        assert gw.llm.cancelled == 1 and gw.llm.requests == []
+        assert status == 499 and received == []
+        gw.llm.hold = None
+        assert gw.chat(hi()).status_code == 200  # and the next request is served
+
+
+# ---------------------------------------------------------------------------------------------- the last resort
+@pytest.mark.parametrize(
+    ("path", "status", "code"), [("/readyz", 503, "not_ready"), ("/metrics", 500, "internal_error")]
+)
+def test_a_route_that_raises_is_answered_at_once_under_bentomls_timeout(path, status, code):
+    """BentoML's timeout middleware waits for a request's first message: a route raising before it (its /readyz
+    while a dependency refuses connections) held the request, and the worker's shutdown, for the whole timeout."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from hcxserve.gateway.fallback import ErrorFallback
+
+    async def broken(scope, receive, send):
+        raise ConnectionRefusedError("dependency socket")
+
+    async def scenario():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        app = TimeoutMiddleware(ErrorFallback(broken), timeout=60)
+        scope = {"type": "http", "path": path, "method": "GET", "headers": [], "query_string": b""}
+        await asyncio.wait_for(app(scope, receive, send), timeout=2)
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert sent[0]["status"] == status
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == code and "dependency socket" not in error["message"]
+
+
+@pytest.mark.parametrize(("method", "status", "code"), [("GET", 404, "not_found"), ("PUT", 405, "method_not_allowed")])
+def test_a_frameworks_plain_text_refusal_becomes_an_openai_error(method, status, code):
+    """BentoML's own router answers unknown paths with a plain `Not Found`."""
+    from starlette.responses import PlainTextResponse
+
+    from hcxserve.gateway.fallback import ErrorFallback
+
+    async def router(scope, receive, send):
+        await PlainTextResponse("Not Found", status_code=status)(scope, receive, send)
+
+    async def scenario():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        scope = {"type": "http", "path": "/v2/models", "method": method, "headers": [], "query_string": b""}
+        await ErrorFallback(router)(scope, receive, send)
+        return sent
+
+    start, body = asyncio.run(scenario())
+    assert start["status"] == status and dict(start["headers"])[b"content-type"] == b"application/json"
+    assert json.loads(body["body"])["error"]["code"] == code

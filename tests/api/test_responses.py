@@ -163,14 +163,17 @@ def test_health_follows_the_llm(upstream, status, state):
     with gateway() as gw:
         gw.llm.health_status = upstream
         response = gw.http.get("/health")
-    assert response.status_code == status and response.json() == {"status": state, "tracks": {"a": state}}
+    assert response.status_code == status
+    assert response.json() == {
+        "status": state, "tracks": {"a": state}, "components": {"TrackA-LLM": state, "TrackA-VisionEncoder": "ok"}
+    }  # fmt: skip
 
 
 def test_health_is_503_when_the_llm_is_unreachable():
     with gateway() as gw:
         gw.llm.failure = httpx.ConnectError("refused")
         response = gw.http.get("/health")
-    assert response.status_code == 503 and response.json() == {"status": "unavailable", "tracks": {"a": "unavailable"}}
+    assert response.status_code == 503 and response.json()["tracks"] == {"a": "unavailable"}
 
 
 def test_health_reports_each_track():
@@ -178,7 +181,22 @@ def test_health_reports_each_track():
         gw.tracks["b"].llm.health_status = 503
         response = gw.http.get("/health")
     assert response.status_code == 503
-    assert response.json() == {"status": "unavailable", "tracks": {"a": "ok", "b": "unavailable"}}
+    assert response.json() == {
+        "status": "unavailable",
+        "tracks": {"a": "ok", "b": "unavailable"},
+        "components": {"TrackA-LLM": "ok", "TrackA-VisionEncoder": "ok", "TrackB-LLM": "unavailable",
+                       "TrackB-VisionEncoder": "ok", "TrackB-AudioEncoder": "ok"},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("encoder", ["vision", "audio"])
+def test_health_reports_each_encoder(encoder):
+    with gateway("a", "b") as gw:
+        getattr(gw.tracks["b"], encoder).ready = False
+        response = gw.http.get("/health")
+    name = {"vision": "TrackB-VisionEncoder", "audio": "TrackB-AudioEncoder"}[encoder]
+    assert response.status_code == 503 and response.json()["tracks"] == {"a": "ok", "b": "unavailable"}
+    assert response.json()["components"][name] == "unavailable"
 
 
 def test_chunks_are_passed_on_as_they_arrive():

@@ -19,6 +19,12 @@ TRACKS = ("a", "b")
 MODELS = {"a": "track_a_model", "b": "track_b_model"}
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that break the shared bento run last: killing a component, then stopping it."""
+    order = {"faults": 1, "shutdown": 2}
+    items.sort(key=lambda item: max([order[m.name] for m in item.iter_markers() if m.name in order], default=0))
+
+
 @pytest.fixture(scope="session")
 def server(track_a_model_dir, track_b_model_dir, tmp_path_factory):
     """Session scope: one bento serves every test (it is ~12 GB of RSS and wants both cores)."""

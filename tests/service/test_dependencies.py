@@ -1,6 +1,7 @@
 """How the gateway calls a component: stale keep-alive connections are retried, overload is a 503."""
 
 import asyncio
+import time
 
 import aiohttp
 import bentoml
@@ -33,11 +34,43 @@ def test_a_stale_connection_is_retried():
     assert call(proxy) == ["encoded x"] and proxy.calls == 3
 
 
-def test_retries_are_bounded():
-    proxy = FlakyProxy(5, aiohttp.ServerDisconnectedError())
-    with pytest.raises(aiohttp.ServerDisconnectedError):
+@pytest.mark.parametrize(
+    "error",
+    [aiohttp.ServerDisconnectedError(), aiohttp.ClientOSError(111, "Connection refused")],
+)
+def test_an_unreachable_component_is_a_503_within_a_second(error):
+    proxy = FlakyProxy(5, error)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailableError) as info:
         call(proxy)
-    assert proxy.calls == 3
+    assert proxy.calls == 3 and time.monotonic() - started < 1.0
+    assert info.value.status_code == 503 and info.value.message == "The vision encoder is unavailable; retry shortly."
+
+
+def test_a_component_back_within_the_retries_answers():
+    proxy = FlakyProxy(2, aiohttp.ClientOSError(111, "Connection refused"))
+    assert call(proxy) == ["encoded x"] and proxy.calls == 3
+
+
+class Probe:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    async def is_ready(self, timeout):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        if self.outcome == "hang":
+            await asyncio.sleep(60)
+        return self.outcome
+
+
+@pytest.mark.parametrize(
+    ("outcome", "ready"), [(True, True), (False, False), (ConnectionRefusedError(), False), ("hang", False)]
+)
+def test_readiness_of_a_component(outcome, ready):
+    from services.dependencies import dependency_ready
+
+    assert asyncio.run(dependency_ready(Probe(outcome), timeout_s=0.2)) is ready
 
 
 def test_overload_is_a_503_without_retry():

@@ -1,0 +1,165 @@
+"""Overload and soak benchmark of the served track A bento (embedded defaults), in one run.
+
+1. Capacity: the gateway admits `--concurrent` chat requests with `--queued` more waiting (set through the
+   environment, as a deployment would). Baseline: `capacity` (= concurrent + queued) requests at once, each
+   generating 16 tokens; their latencies.
+2. Burst: 10 x capacity requests at once. Those beyond capacity must be refused at once (429 with `Retry-After`,
+   an OpenAI error object, within 100 ms); the admitted ones keep their latency (p50 ratio to the baseline).
+3. Soak: `--soak` requests (default 10,000) at 16 concurrent, a mix a busy gateway sees: 1-token completions,
+   model lists and refused requests (a bad parameter); the RSS of the gateway worker and of the whole tree is
+   sampled every 1,000 requests. Flat means the last sample is within a few MB of the first after warm-up.
+
+    .venv/bin/python benchmarks/bench_overload.py --out benchmarks/results/overload.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_encoders import machine  # noqa: E402
+from hcxserve.tooling.testing import serve_bento  # noqa: E402
+
+MODEL = "track_a_model"
+
+
+def chat(tokens: int) -> dict:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
+
+
+async def timed(client: httpx.AsyncClient, method: str, url: str, **kwargs) -> tuple[float, httpx.Response]:
+    start = time.perf_counter()
+    response = await client.request(method, url, **kwargs)
+    return time.perf_counter() - start, response
+
+
+def p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def burst(client: httpx.AsyncClient, n: int) -> list[tuple[float, httpx.Response]]:
+    return await asyncio.gather(*(timed(client, "POST", "/a/v1/chat/completions", json=chat(16)) for _ in range(n)))
+
+
+def gateway_rss(root_pid: int) -> tuple[float, float]:
+    """(gateway worker RSS, whole tree RSS) in MB."""
+    root = psutil.Process(root_pid)
+    tree = [root, *root.children(recursive=True)]
+    gateway = sum(q.memory_info().rss for q in tree if "--service-name Gateway" in " ".join(q.cmdline()))
+    return gateway / 2**20, sum(q.memory_info().rss for q in tree) / 2**20
+
+
+async def soak(client: httpx.AsyncClient, total: int, root_pid: int) -> tuple[list[tuple[int, float, float]], dict]:
+    kinds = [("POST", "/a/v1/chat/completions", {"json": chat(1)})] * 7 + [
+        ("GET", "/v1/models", {}),
+        ("GET", "/a/v1/models", {}),
+        ("POST", "/a/v1/chat/completions", {"json": {**chat(1), "temperature": 7}}),
+    ]
+    samples, statuses, done = [], {}, 0
+    queue = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(kinds[i % len(kinds)])
+
+    async def worker():
+        nonlocal done
+        while not queue.empty():
+            method, url, kwargs = queue.get_nowait()
+            _, response = await timed(client, method, url, **kwargs)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            done += 1
+            if done % 1000 == 0:
+                samples.append((done, *gateway_rss(root_pid)))
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    return samples, statuses
+
+
+async def run(args) -> list[str]:
+    key = secrets.token_hex(8)
+    overrides = {"gateway.max_concurrent_requests": args.concurrent, "gateway.max_queued_requests": args.queued,
+                 "gateway.retry_after_s": 2}  # fmt: skip
+    bento = serve_bento("bentos.track_a:Gateway", Path(args.log), tracks=["a"], overrides=overrides, api_key=key)
+    try:
+        bento.wait_ready(f"{bento.url}/readyz", 900)
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+        async with httpx.AsyncClient(base_url=bento.url, headers=bento.headers, timeout=600, limits=limits) as client:
+            capacity = args.concurrent + args.queued
+            await burst(client, 4)  # warm-up
+            baseline = await burst(client, capacity)
+            assert all(r.status_code == 200 for _, r in baseline), [r.text for _, r in baseline if r.status_code != 200]
+            results = await burst(client, 10 * capacity)
+            admitted = [t for t, r in results if r.status_code == 200]
+            shed = [(t, r) for t, r in results if r.status_code == 429]
+            other = [r.status_code for _, r in results if r.status_code not in (200, 429)]
+            well_formed = all(
+                r.headers.get("retry-after") == "2" and r.json()["error"]["code"] == "server_busy" for _, r in shed
+            )
+            samples, statuses = await soak(client, args.soak, bento.proc.pid)
+    finally:
+        bento.stop()
+    base = [t for t, _ in baseline]
+    shed_times = [t for t, _ in shed]
+    lines = [
+        f"Overload and soak benchmark ({time.strftime('%Y-%m-%d')}, track A bento, embedded default models).",
+        "",
+        f"Machine: {machine()}. Gateway capacity: {args.concurrent} running + {args.queued} queued = {capacity}.",
+        "",
+        "| phase | requests | result |",
+        "|---|---:|---|",
+        f"| baseline (at capacity, 16 tokens each) | {capacity} | p50 {statistics.median(base):.2f} s, "
+        f"max {max(base):.2f} s |",
+        f"| 10x burst: admitted | {len(admitted)} | p50 {statistics.median(admitted):.2f} s "
+        f"(**{statistics.median(admitted) / statistics.median(base):.2f}x** the baseline p50) |",
+        f"| 10x burst: shed with 429 | {len(shed)} | p50 {1000 * statistics.median(shed_times):.1f} ms, "
+        f"p99 {1000 * p(shed_times, 0.99):.1f} ms, max {1000 * max(shed_times):.1f} ms; Retry-After and OpenAI "
+        f"error object on all: {well_formed} |",
+        f"| 10x burst: anything else | {len(other)} | {other or 'none'} |",
+        f"| soak (16 concurrent) | {args.soak} | statuses {dict(sorted(statuses.items()))} |",
+        "",
+        "Soak RSS (MB) every 1,000 requests: gateway worker / whole tree",
+        "",
+        "| requests | gateway | tree |",
+        "|---:|---:|---:|",
+        *[f"| {n} | {g:.0f} | {t:.0f} |" for n, g, t in samples],
+        "",
+        f"Gateway RSS from the 2,000th to the last request: {samples[-1][1] - samples[1][1]:+.1f} MB; "
+        f"whole tree: {samples[-1][2] - samples[1][2]:+.1f} MB.",
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--queued", type=int, default=8)
+    parser.add_argument("--soak", type=int, default=10_000)
+    parser.add_argument("--log", default="/tmp/bench_overload.log")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    text = "\n".join(asyncio.run(run(args))) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""A component dies under load: the requests that need it fail fast with a 503 and a clear message, the others go
+on, and /health names it. Kills track B's engine, so it runs after the other end-to-end tests (and before the
+shutdown test, which stops what is left)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.helpers import MODELS, PLAIN
+
+
+def _engine_of(server, track: str) -> list[psutil.Process]:
+    """Track's vLLM server and every process under it."""
+    root = psutil.Process(server.proc.pid)
+    for process in root.children(recursive=True):
+        cmd = " ".join(process.cmdline())
+        if "vllm.entrypoints.openai.api_server" in cmd and f"--served-model-name {MODELS[track]}" in cmd:
+            return [process, *process.children(recursive=True)]
+    raise AssertionError(f"no vLLM server for track {track}")
+
+
+def _ask(server, track: str) -> tuple[float, int, dict]:
+    body = {"model": MODELS[track], "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8,
+            "temperature": 0, **PLAIN[track].get("extra_body", {})}  # fmt: skip
+    started = time.monotonic()
+    response = httpx.post(f"{server.url}/{track}/v1/chat/completions", json=body, headers=server.headers, timeout=60)
+    return time.monotonic() - started, response.status_code, response.json()
+
+
+@pytest.mark.faults
+def test_a_dead_llm_fails_its_requests_fast_and_leaves_the_other_track_serving(server):
+    engine = _engine_of(server, "b")
+    for process in engine:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(engine, timeout=10)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda track: (track, *_ask(server, track)), ["a", "b"] * 4))
+    for track, elapsed, status, body in results:
+        if track == "a":
+            assert status == 200 and body["choices"][0]["message"]["content"], body
+        else:
+            assert status == 503 and elapsed <= 5, (elapsed, status, body)
+            assert body["error"]["message"] == "The language model is unavailable; retry shortly."
+    health = httpx.get(f"{server.url}/health", timeout=10)
+    assert health.status_code == 503
+    assert health.json()["tracks"] == {"a": "ok", "b": "unavailable"}
+    assert health.json()["components"]["TrackB-LLM"] == "unavailable"
+    assert health.json()["components"]["TrackB-VisionEncoder"] == "ok"
