@@ -5,9 +5,14 @@
    generating 16 tokens; their latencies.
 2. Burst: 10 x capacity requests at once. Those beyond capacity must be refused at once (429 with `Retry-After`,
    an OpenAI error object, within 100 ms); the admitted ones keep their latency (p50 ratio to the baseline).
+   Shedding is also timed one request at a time while capacity stays full (what a client of a saturated gateway
+   sees, without the burst's own 10x connection storm on the same two cores).
 3. Soak: `--soak` requests (default 10,000) at 16 concurrent, a mix a busy gateway sees: 1-token completions,
    model lists and refused requests (a bad parameter); the RSS of the gateway worker and of the whole tree is
-   sampled every 1,000 requests. Flat means the last sample is within a few MB of the first after warm-up.
+   sampled every 1,000 requests. BentoML's timeout middleware keeps every request's timer (and the context it
+   captured, ~5 KB) until the service's traffic timeout passes, finished or not, so RSS climbs for one timeout
+   window and is flat after it: the soak runs with `--timeout` (60 s) for the gateway and the LLM so that the
+   window fills early in the run.
 
     .venv/bin/python benchmarks/bench_overload.py --out benchmarks/results/overload.md
 """
@@ -68,6 +73,19 @@ def gateway_rss(root_pid: int) -> tuple[float, float]:
     return gateway / 2**20, sum(q.memory_info().rss for q in tree) / 2**20
 
 
+async def shed_one_by_one(client: httpx.AsyncClient, capacity: int, n: int) -> tuple[list[float], list[int]]:
+    """Fill capacity with long requests, then time `n` more sent one after another."""
+    long = [asyncio.create_task(client.post("/a/v1/chat/completions", json=chat(64))) for _ in range(capacity)]
+    await asyncio.sleep(1.0)  # every slot and queue place taken
+    times, statuses = [], []
+    for _ in range(n):
+        elapsed, response = await timed(client, "POST", "/a/v1/chat/completions", json=chat(16))
+        times.append(elapsed)
+        statuses.append(response.status_code)
+    await asyncio.gather(*long)
+    return times, statuses
+
+
 async def soak(client: httpx.AsyncClient, total: int, root_pid: int) -> tuple[list[tuple[int, float, float]], dict]:
     kinds = [("POST", "/a/v1/chat/completions", {"json": chat(1)})] * 7 + [
         ("GET", "/v1/models", {}),
@@ -87,16 +105,22 @@ async def soak(client: httpx.AsyncClient, total: int, root_pid: int) -> tuple[li
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             done += 1
             if done % 1000 == 0:
-                samples.append((done, *gateway_rss(root_pid)))
+                samples.append((done, time.monotonic() - started, *gateway_rss(root_pid)))
 
+    started = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(16)))
     return samples, statuses
 
 
 async def run(args) -> list[str]:
     key = secrets.token_hex(8)
-    overrides = {"gateway.max_concurrent_requests": args.concurrent, "gateway.max_queued_requests": args.queued,
-                 "gateway.retry_after_s": 2}  # fmt: skip
+    overrides = {
+        "gateway.max_concurrent_requests": args.concurrent,
+        "gateway.max_queued_requests": args.queued,
+        "gateway.retry_after_s": 2,
+        "gateway.timeout_s": args.timeout,
+        "a.llm.timeout_s": args.timeout,
+    }
     bento = serve_bento("bentos.track_a:Gateway", Path(args.log), tracks=["a"], overrides=overrides, api_key=key)
     try:
         bento.wait_ready(f"{bento.url}/readyz", 900)
@@ -113,6 +137,7 @@ async def run(args) -> list[str]:
             well_formed = all(
                 r.headers.get("retry-after") == "2" and r.json()["error"]["code"] == "server_busy" for _, r in shed
             )
+            single_shed, single_statuses = await shed_one_by_one(client, capacity, 50)
             samples, statuses = await soak(client, args.soak, bento.proc.pid)
     finally:
         bento.stop()
@@ -133,18 +158,31 @@ async def run(args) -> list[str]:
         f"p99 {1000 * p(shed_times, 0.99):.1f} ms, max {1000 * max(shed_times):.1f} ms; Retry-After and OpenAI "
         f"error object on all: {well_formed} |",
         f"| 10x burst: anything else | {len(other)} | {other or 'none'} |",
-        f"| soak (16 concurrent) | {args.soak} | statuses {dict(sorted(statuses.items()))} |",
+        f"| at capacity, one at a time | {len(single_shed)} | statuses {sorted(set(single_statuses))}; p50 "
+        f"{1000 * statistics.median(single_shed):.1f} ms, max {1000 * max(single_shed):.1f} ms |",
+        f"| soak (16 concurrent) | {args.soak} | {samples[-1][1]:.0f} s, statuses {dict(sorted(statuses.items()))} |",
         "",
-        "Soak RSS (MB) every 1,000 requests: gateway worker / whole tree",
+        f"Soak RSS (MB) every 1,000 requests (traffic timeout {args.timeout:g} s): gateway worker / whole tree",
         "",
-        "| requests | gateway | tree |",
-        "|---:|---:|---:|",
-        *[f"| {n} | {g:.0f} | {t:.0f} |" for n, g, t in samples],
+        "| requests | s | gateway | tree |",
+        "|---:|---:|---:|---:|",
+        *[f"| {n} | {t:.0f} | {g:.0f} | {tree:.0f} |" for n, t, g, tree in samples],
         "",
-        f"Gateway RSS from the 2,000th to the last request: {samples[-1][1] - samples[1][1]:+.1f} MB; "
-        f"whole tree: {samples[-1][2] - samples[1][2]:+.1f} MB.",
+        *window_summary(samples, args.timeout),
     ]
     return lines
+
+
+def window_summary(samples: list[tuple[int, float, float, float]], timeout: float) -> list[str]:
+    """RSS change over the samples taken once one timeout window (plus slack) has passed."""
+    settled = [s for s in samples if s[1] >= 1.5 * timeout]
+    if len(settled) < 2:
+        return [f"The soak ended before {1.5 * timeout:g} s: no settled window to report."]
+    first, last = settled[0], settled[-1]
+    return [
+        f"From {first[0]} requests ({first[1]:.0f} s) to {last[0]} ({last[1]:.0f} s), after the first timeout window: "
+        f"gateway RSS {last[2] - first[2]:+.1f} MB, whole tree {last[3] - first[3]:+.1f} MB."
+    ]
 
 
 def main() -> None:
@@ -152,6 +190,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--queued", type=int, default=8)
     parser.add_argument("--soak", type=int, default=10_000)
+    parser.add_argument("--timeout", type=float, default=60.0, help="traffic timeout of the gateway and the LLM")
     parser.add_argument("--log", default="/tmp/bench_overload.log")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

@@ -11,10 +11,7 @@ the ASGI layers around all of it (BentoML's routes included): error fallback, AP
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,15 +23,14 @@ from starlette.exceptions import HTTPException
 from hcxserve.config import Deployment
 from hcxserve.gateway.admission import Admission
 from hcxserve.gateway.auth import APIKeyAuth
+from hcxserve.gateway.body import read_request
 from hcxserve.gateway.fallback import ErrorFallback, route_refusal
 from hcxserve.gateway.serving import ChatCompletionServing
 from hcxserve.protocol.errors import (
     APIError,
     InvalidRequestError,
     NotFoundError,
-    PayloadTooLargeError,
     internal_error,
-    invalid_request_from_validation,
 )
 from hcxserve.protocol.openai import ChatCompletionRequest, ModelList
 
@@ -45,86 +41,6 @@ Servings = Callable[[], Mapping[str, ChatCompletionServing]]  # the worker's ser
 
 def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.to_dict(), status_code=exc.status_code)
-
-
-# bodies above this are parsed off the event loop, so one large upload does not stall every other request
-_PARSE_INLINE_BYTES = 256 << 10
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused as soon as it passes `max_bytes` (declared or not: chunked bodies count as they arrive)."""
-    too_large = PayloadTooLargeError(f"request body is over the limit of {max_bytes} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999
-        raise ValueError(text)
-    return value
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(name)  # NaN, Infinity, -Infinity: not JSON, and vLLM cannot encode them either
-
-
-def _well_formed(value: Any, max_depth: int) -> bool:
-    """No nesting deeper than `max_depth` and no lone UTF-16 surrogate in any string (neither can be encoded
-    again for the LLM)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, str):
-            if _SURROGATE.search(node):
-                return False
-        elif isinstance(node, (dict, list)):
-            if depth > max_depth:
-                return False
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            for key, child in items:
-                if isinstance(key, str) and _SURROGATE.search(key):
-                    return False
-                stack.append((child, depth + 1))
-    return True
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def parse_json_body(raw: bytes, max_depth: int) -> Any:
-    try:
-        body = json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
-    if not _well_formed(body, max_depth):
-        raise InvalidRequestError(
-            f"the request body nests deeper than {max_depth} levels or holds an invalid (lone surrogate) string",
-            code="invalid_json",
-        )
-    return body
-
-
-async def _parse_request(request: Request, max_bytes: int, max_depth: int) -> ChatCompletionRequest:
-    raw = await _read_body(request, max_bytes)
-    if len(raw) > _PARSE_INLINE_BYTES:
-        body = await asyncio.to_thread(parse_json_body, raw, max_depth)
-    else:
-        body = parse_json_body(raw, max_depth)
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except pydantic.ValidationError as exc:
-        raise invalid_request_from_validation(exc.errors(include_url=False)) from None
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -193,7 +109,7 @@ def build_app(deployment: Deployment, servings: Servings) -> FastAPI:
         max_body = deployment.max_body_bytes(track)
 
         async def chat_completions(request: Request):
-            return await _respond(servings()[track], await _parse_request(request, max_body, max_depth), request)
+            return await _respond(servings()[track], await read_request(request, max_body, max_depth), request)
 
         async def models():
             return JSONResponse(ModelList(data=[servings()[track].model_card()]).model_dump())
@@ -203,7 +119,7 @@ def build_app(deployment: Deployment, servings: Servings) -> FastAPI:
             app.add_api_route(f"{route}/models", models, methods=["GET"])
 
     async def any_model_chat_completions(request: Request):
-        body = await _parse_request(request, deployment.max_body_bytes(), max_depth)
+        body = await read_request(request, deployment.max_body_bytes(), max_depth)
         by_track = servings()
         if not body.model:
             return await _respond(by_track[deployment.default_track], body, request)
