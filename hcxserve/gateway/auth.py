@@ -59,11 +59,14 @@ class APIKeyAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             not self.keys
-            or scope["type"] != "http"
+            or scope["type"] not in ("http", "websocket")
             or scope["path"] in self.open_paths
             or self.accepts(presented_key(scope["headers"]))
         ):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
             return
         error = AuthenticationError(
             "Missing or invalid API key: send it as `Authorization: Bearer <key>` (or an `api-key` header)."

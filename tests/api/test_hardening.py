@@ -353,3 +353,23 @@ def test_a_frameworks_plain_text_refusal_becomes_an_openai_error(method, status,
     start, body = asyncio.run(scenario())
     assert start["status"] == status and dict(start["headers"])[b"content-type"] == b"application/json"
     assert json.loads(body["body"])["error"]["code"] == code
+
+
+def test_a_websocket_without_a_key_is_closed():
+    async def scenario():
+        reached, sent = [], []
+
+        async def app(scope, receive, send):
+            reached.append(scope["path"])
+
+        async def send(message):
+            sent.append(message)
+
+        auth = APIKeyAuth(app, auth=AuthConfig(api_keys=["k"]))
+        socket = {"type": "websocket", "path": "/v1/realtime"}
+        await auth({**socket, "headers": []}, None, send)
+        await auth({**socket, "headers": [(b"authorization", b"Bearer k")]}, None, send)
+        return reached, sent
+
+    reached, sent = asyncio.run(scenario())
+    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == ["/v1/realtime"]

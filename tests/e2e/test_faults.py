@@ -1,6 +1,7 @@
-"""A component dies under load: the requests that need it fail fast with a 503 and a clear message, the others go
-on, and /health names it. Kills track B's engine, so it runs after the other end-to-end tests (and before the
-shutdown test, which stops what is left)."""
+"""A component dies under load. An encoder's worker is respawned by circus: requests that need it wait for it, the
+others go on. An LLM engine is not restarted inside the bento (its platform restarts the service on its failing
+liveness): its track's requests fail fast with a 503 and a clear message, the other track goes on, and /health
+names it. Runs after the other end-to-end tests (and before the shutdown test, which stops what is left)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import data_url, make_png
 from tests.e2e.helpers import MODELS, PLAIN
 
 
@@ -25,12 +27,31 @@ def _engine_of(server, track: str) -> list[psutil.Process]:
     raise AssertionError(f"no vLLM server for track {track}")
 
 
-def _ask(server, track: str) -> tuple[float, int, dict]:
-    body = {"model": MODELS[track], "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 8,
+def _ask(server, track: str, content="Hi!") -> tuple[float, int, dict]:
+    body = {"model": MODELS[track], "messages": [{"role": "user", "content": content}], "max_tokens": 8,
             "temperature": 0, **PLAIN[track].get("extra_body", {})}  # fmt: skip
     started = time.monotonic()
     response = httpx.post(f"{server.url}/{track}/v1/chat/completions", json=body, headers=server.headers, timeout=60)
     return time.monotonic() - started, response.status_code, response.json()
+
+
+@pytest.mark.faults
+def test_a_killed_encoder_comes_back_and_text_goes_on_meanwhile(server):
+    """circus respawns a component's worker: media requests wait for it (they do not fail), text is not held up."""
+    (worker,) = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                 if "--service-name TrackA-VisionEncoder" in " ".join(p.cmdline())]  # fmt: skip
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+    image = [{"type": "image_url", "image_url": {"url": data_url(make_png())}}, {"type": "text", "text": "?"}]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pending_image = pool.submit(_ask, server, "a", image)
+        time.sleep(0.5)
+        elapsed, status, body = _ask(server, "a")  # text only: no encoder involved
+        assert status == 200 and elapsed < 10, (elapsed, body)
+        elapsed, status, body = pending_image.result(timeout=120)
+    assert status == 200 and body["choices"][0]["message"]["content"], body
+    health = httpx.get(f"{server.url}/health", timeout=10).json()
+    assert health["components"]["TrackA-VisionEncoder"] == "ok"
 
 
 @pytest.mark.faults
