@@ -31,15 +31,18 @@ def text_chars(request: ChatCompletionRequest) -> int:
     return total
 
 
-def check_limits(request: ChatCompletionRequest, limits: RequestLimits, *, max_model_len: int) -> None:
-    """Raise a 400 naming the first parameter over its limit."""
+def check_limits(
+    request: ChatCompletionRequest, limits: RequestLimits, *, max_model_len: int, default_max_tokens: int | None = None
+) -> None:
+    """Raise a 400 naming the first parameter over its limit. A request without `max_tokens` may generate the
+    deployment's default, or else up to the context length, per choice: that is what `n` multiplies."""
     if request.n > limits.max_n:
         raise InvalidRequestError(f"n must be at most {limits.max_n}", param="n")
     for field in ("max_completion_tokens", "max_tokens", "min_tokens", "thinking_token_budget"):
         value = getattr(request, field)
         if value is not None and value > max_model_len:
             raise _over(field, f"{value} tokens", max_model_len, "context_length_exceeded")
-    max_tokens = request.max_completion_tokens or request.max_tokens or 0
+    max_tokens = request.max_completion_tokens or request.max_tokens or default_max_tokens or max_model_len
     if request.n * max_tokens > limits.max_total_tokens:
         raise _over("n", f"n x max_tokens is {request.n * max_tokens} tokens", limits.max_total_tokens)
     if request.top_k is not None and request.top_k > limits.max_top_k:

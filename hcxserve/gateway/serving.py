@@ -96,7 +96,12 @@ class ChatCompletionServing:
             raise NotFoundError(
                 f"The model {request.model!r} does not exist; this endpoint serves {self.model_name!r}.", param="model"
             )
-        check_limits(request, self.gateway.limits, max_model_len=self.track.llm.max_model_len)
+        check_limits(
+            request,
+            self.gateway.limits,
+            max_model_len=self.track.llm.max_model_len,
+            default_max_tokens=self.gateway.default_max_tokens,
+        )
 
     # ------------------------------------------------------------------------------------------ upstream request
     def _upstream_body(self, request: ChatCompletionRequest, embeddings: dict[tuple[int, int], Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ def error_of(response, status, code=None):
     [
         {"Authorization": "Bearer key-one"},
         {"Authorization": "bearer key-two"},  # rotation: every configured key works
+        {"Authorization": "Bearer  key-one "},  # stray spaces around the token
         {"api-key": "key-one"},
         {"x-api-key": "key-two"},
     ],
@@ -50,7 +51,7 @@ def test_a_valid_key_in_any_client_header_is_accepted(headers):
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer key-three"}, {"Authorization": "key-one"}, {"Authorization": "Bearer "},
-     {"x-api-key": "key-one-and-more"}, {"api-key": "key-on"}],
+     {"Authorization": "Basic key-one"}, {"x-api-key": "key-one-and-more"}, {"api-key": "key-on"}],
 )  # fmt: skip
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/a/v1/chat/completions", "/v1/models", "/nowhere"])
 def test_a_missing_or_wrong_key_is_a_401_before_anything_else(headers, path, caplog):
@@ -60,7 +61,9 @@ def test_a_missing_or_wrong_key_is_a_401_before_anything_else(headers, path, cap
         error = error_of(response, 401, "invalid_api_key")
         assert response.headers["www-authenticate"] == "Bearer"
         assert gw.llm.requests == []
-    assert error["type"] == "invalid_request_error" and "Authorization: Bearer" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["message"] == (
+        "Missing or invalid API key: send it as `Authorization: Bearer <key>` (or an `api-key` header)."
+    )
     assert "key-one" not in caplog.text and "key-two" not in caplog.text
 
 
@@ -79,8 +82,13 @@ def test_keys_from_a_file(tmp_path):
 
 
 def test_no_key_configured_refuses_to_start_unless_explicitly_allowed(caplog):
-    with pytest.raises(RuntimeError, match="HCX_AUTH__API_KEYS"):
+    message = (
+        "no API key is configured: set HCX_AUTH__API_KEYS (or HCX_AUTH__API_KEYS_FILE), or "
+        "HCX_AUTH__ALLOW_UNAUTHENTICATED=true to serve without keys"
+    )
+    with pytest.raises(RuntimeError) as info:
         APIKeyAuth(lambda *a: None, auth=AuthConfig())
+    assert str(info.value) == message
     with caplog.at_level(logging.WARNING):
         APIKeyAuth(lambda *a: None, auth=AuthConfig(allow_unauthenticated=True))
     assert "serves anyone" in caplog.text
@@ -115,6 +123,14 @@ def test_json_the_llm_could_not_take_is_a_400(text):
     with gateway() as gw:
         error_of(raw_chat(gw, text), 400, "invalid_json")
         assert gw.llm.requests == []
+
+
+@pytest.mark.parametrize(("limit", "status"), [(5, 200), (4, 400)])
+def test_the_nesting_limit_counts_every_level(limit, status):
+    # body {1} > messages [2] > message {3} > content [4] > part {5}
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    with gateway(**{"gateway.limits.max_json_depth": limit}) as gw:
+        assert gw.chat(body).status_code == status
 
 
 def test_escaped_surrogate_pairs_are_text():
@@ -160,26 +176,36 @@ def test_each_track_has_its_own_body_limit():
 
 
 # ---------------------------------------------------------------------------------------------- limits
-LIMITED = [
-    (hi(max_tokens=4097), "max_tokens", "4096"),  # the embedded profile's max_model_len
-    (hi(max_completion_tokens=5000), "max_completion_tokens", "4096"),
-    (hi(min_tokens=5000), "min_tokens", "4096"),
-    (hi(thinking_token_budget=2**70), "thinking_token_budget", "4096"),
-    (hi(n=8, max_tokens=4000), "n", "16000"),
-    (hi(top_k=2**70), "top_k", "100"),
-    (hi(seed=2**70), "seed", None),
-    ({"messages": [{"role": "user", "content": "hi"}] * 11}, "messages", "10"),
+TOOL_CALLS = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+BIG_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"enum": list(range(500))}}}]
+BIG_FORMAT = {"type": "json_schema", "json_schema": {"schema": {"enum": list(range(500))}}}
+OVER, CONTEXT = "over_limit", "context_length_exceeded"
+LIMITED = [  # body, param, message, code (the embedded profile's max_model_len is 4096)
+    (hi(max_tokens=4097), "max_tokens", "4097 tokens, over the limit of 4096", CONTEXT),
+    (hi(max_completion_tokens=5000), "max_completion_tokens", "5000 tokens, over the limit of 4096", CONTEXT),
+    (hi(min_tokens=5000), "min_tokens", "5000 tokens, over the limit of 4096", CONTEXT),
+    (hi(thinking_token_budget=2**70), "thinking_token_budget", f"{2**70} tokens, over the limit of 4096", CONTEXT),
+    (hi(n=8, max_tokens=2001), "n", "n x max_tokens is 16008 tokens, over the limit of 16000", OVER),
+    (hi(n=4, max_completion_tokens=4001), "n", "n x max_tokens is 16004 tokens, over the limit of 16000", OVER),
+    (hi(n=4), "n", "n x max_tokens is 16384 tokens, over the limit of 16000", OVER),  # unset: up to max_model_len
+    (hi(top_k=2**70), "top_k", f"top_k is {2**70}, over the limit of 100", OVER),
+    ({"messages": [{"role": "user", "content": "hi"}] * 11}, "messages", "11 messages, over the limit of 10", OVER),
     ({"messages": [{"role": "user", "content": "x" * 600}, {"role": "assistant", "content": "y" * 401}]},
-     "messages", "1000"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "z" * 1001}]}]}, "messages", "1000"),
-    (hi(stop=["a", "b", "c", "d", "e"]), "stop", "4"),
-    (hi(stop="s" * 33), "stop", "32"),
-    (hi(stop=["ok", "s" * 33]), "stop[1]", "32"),
-    (hi(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(5)]), "tools", "4"),
-    (hi(tools=[{"type": "function", "function": {"name": "f", "parameters": {"enum": list(range(500))}}}]),
-     "tools", "1024"),
-    (hi(response_format={"type": "json_schema", "json_schema": {"schema": {"enum": list(range(500))}}}),
-     "response_format", "1024"),
+     "messages", "1001 characters of text, over the limit of 1000", OVER),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "z" * 600},
+                                                {"type": "text", "text": "z" * 401}]}]},
+     "messages", "1001 characters of text, over the limit of 1000", OVER),
+    ({"messages": [{"role": "user", "content": "u" * 400},
+                   {"role": "assistant", "content": "a", "reasoning_content": "r" * 550, "tool_calls": TOOL_CALLS}]},
+     "messages", f"{401 + 550 + len(json.dumps(TOOL_CALLS))} characters of text, over the limit of 1000", OVER),
+    (hi(stop=["a", "b", "c", "d", "e"]), "stop", "5 stop sequences, over the limit of 4", OVER),
+    (hi(stop="s" * 33), "stop", "33 characters, over the limit of 32", OVER),
+    (hi(stop=["ok", "s" * 33]), "stop[1]", "33 characters, over the limit of 32", OVER),
+    (hi(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(5)]), "tools",
+     "5 tools, over the limit of 4", OVER),
+    (hi(tools=BIG_TOOL), "tools", f"{len(json.dumps(BIG_TOOL))} bytes of JSON, over the limit of 1024", OVER),
+    (hi(response_format=BIG_FORMAT), "response_format",
+     f"{len(json.dumps(BIG_FORMAT))} bytes of JSON, over the limit of 1024", OVER),
 ]  # fmt: skip
 LIMITS = {
     "gateway.limits.max_messages": 10, "gateway.limits.max_text_chars": 1000, "gateway.limits.max_stop_sequences": 4,
@@ -189,14 +215,21 @@ LIMITS = {
 
 
 @pytest.mark.parametrize("track", TRACKS)
-@pytest.mark.parametrize(("body", "param", "limit"), LIMITED, ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(LIMITED)])
-def test_each_limit_is_a_400_naming_its_parameter(track, body, param, limit):
+@pytest.mark.parametrize(
+    ("body", "param", "message", "code"), LIMITED, ids=[f"{case[1]}-{i}" for i, case in enumerate(LIMITED)]
+)
+def test_each_limit_is_a_400_naming_its_parameter(track, body, param, message, code):
     with gateway(track, **LIMITS) as gw:
         error = error_of(gw.chat(body), 400)
         assert gw.llm.requests == []
-    assert error["param"] == param
-    if limit is not None:
-        assert limit in error["message"]
+    assert error == {"message": f"{param}: {message}", "type": "invalid_request_error", "param": param, "code": code}
+
+
+def test_a_seed_outside_64_bits_is_refused():
+    with gateway() as gw:
+        assert error_of(gw.chat(hi(seed=2**63)), 400)["param"] == "seed"
+        assert error_of(gw.chat(hi(seed=-(2**63) - 1)), 400)["param"] == "seed"
+        assert gw.chat(hi(seed=2**63 - 1)).status_code == 200 and gw.chat(hi(seed=-(2**63))).status_code == 200
 
 
 def test_requests_at_the_limits_pass():
@@ -207,6 +240,15 @@ def test_requests_at_the_limits_pass():
     with gateway(**LIMITS) as gw:
         assert gw.chat(at_limits).status_code == 200
         assert gw.chat({"messages": [{"role": "user", "content": "x" * 1000}] * 1}).status_code == 200
+        assert gw.chat(hi(max_tokens=4096, min_tokens=4096, thinking_token_budget=4096)).status_code == 200
+        assert gw.chat(hi(n=3)).status_code == 200  # 3 x 4096 <= 16000
+        assert gw.chat(hi(stop="s" * 32, tools=BIG_TOOL[:0])).status_code == 200
+
+
+def test_the_default_max_tokens_is_what_n_multiplies():
+    with gateway(**{**LIMITS, "gateway.default_max_tokens": 2000}) as gw:
+        assert gw.chat(hi(n=8)).status_code == 200
+        assert error_of(gw.chat(hi(n=8, max_tokens=2001)), 400)["param"] == "n"
 
 
 # ---------------------------------------------------------------------------------------------- routes
@@ -352,7 +394,30 @@ def test_a_frameworks_plain_text_refusal_becomes_an_openai_error(method, status,
 
     start, body = asyncio.run(scenario())
     assert start["status"] == status and dict(start["headers"])[b"content-type"] == b"application/json"
-    assert json.loads(body["body"])["error"]["code"] == code
+    error = json.loads(body["body"])["error"]
+    assert error["code"] == code
+    assert error["message"] == ("No route /v2/models" if status == 404 else "PUT is not allowed on /v2/models")
+
+
+def test_a_route_that_fails_after_its_response_started_is_not_answered_twice():
+    from hcxserve.gateway.fallback import ErrorFallback
+
+    async def half(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise ConnectionResetError("upstream went away mid-body")
+
+    async def scenario():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/models", "method": "GET", "headers": [], "query_string": b""}
+        with pytest.raises(ConnectionResetError):
+            await ErrorFallback(half)(scope, None, send)
+        return sent
+
+    assert [m["type"] for m in asyncio.run(scenario())] == ["http.response.start"]
 
 
 def test_a_websocket_without_a_key_is_closed():
