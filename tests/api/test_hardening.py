@@ -195,6 +195,9 @@ LIMITED = [  # body, param, message, code (the embedded profile's max_model_len 
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "z" * 600},
                                                 {"type": "text", "text": "z" * 401}]}]},
      "messages", "1001 characters of text, over the limit of 1000", OVER),
+    ({"messages": [{"role": "system", "content": "s" * 500},
+                   {"role": "user", "content": [{"type": "text", "text": "z" * 501}]}]},
+     "messages", "1001 characters of text, over the limit of 1000", OVER),
     ({"messages": [{"role": "user", "content": "u" * 400},
                    {"role": "assistant", "content": "a", "reasoning_content": "r" * 550, "tool_calls": TOOL_CALLS}]},
      "messages", f"{401 + 550 + len(json.dumps(TOOL_CALLS))} characters of text, over the limit of 1000", OVER),
@@ -243,6 +246,10 @@ def test_requests_at_the_limits_pass():
         assert gw.chat(hi(max_tokens=4096, min_tokens=4096, thinking_token_budget=4096)).status_code == 200
         assert gw.chat(hi(n=3)).status_code == 200  # 3 x 4096 <= 16000
         assert gw.chat(hi(stop="s" * 32, tools=BIG_TOOL[:0])).status_code == 200
+        assert gw.chat({"messages": [{"role": "user", "content": "hi"}] * 10}).status_code == 200
+        padding = 1024 - len(json.dumps([{"type": "function", "function": {"name": ""}}]))
+        exactly = [{"type": "function", "function": {"name": "f" * padding}}]
+        assert len(json.dumps(exactly)) == 1024 and gw.chat(hi(tools=exactly)).status_code == 200
 
 
 def test_the_default_max_tokens_is_what_n_multiplies():
@@ -272,7 +279,7 @@ def test_overload_is_shed_at_once_with_429_and_retry_after():
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-        admission = Admission(app, max_concurrent=2, max_queued=1, retry_after_s=3)
+        admission = Admission(app, max_concurrent=2, max_queued=2, retry_after_s=3)
 
         async def call(path="/v1/chat/completions"):
             out = {}
@@ -291,7 +298,7 @@ def test_overload_is_shed_at_once_with_429_and_retry_after():
             await admission(scope, receive, send)
             return out
 
-        admitted = [asyncio.create_task(call()) for _ in range(3)]  # two run, one waits
+        admitted = [asyncio.create_task(call()) for _ in range(4)]  # two run, two wait
         await asyncio.sleep(0.01)
         assert len(started) == 2
         loop = asyncio.get_running_loop()
@@ -301,12 +308,13 @@ def test_overload_is_shed_at_once_with_429_and_retry_after():
         assert shed["status"] == 429 and shed["headers"][b"retry-after"] == b"3"
         error = json.loads(shed["body"])["error"]
         assert error["type"] == "rate_limit_error" and error["code"] == "server_busy"
+        assert error["message"] == "The server is at capacity (2 requests in progress, 2 waiting); retry after 3 s."
         other = asyncio.create_task(call("/health"))  # only chat completions are admitted
         await asyncio.sleep(0.01)
         assert started[-1] == "/health"
         release.set()
         results = await asyncio.gather(*admitted, other)
-        assert [r["status"] for r in results] == [200] * 4
+        assert [r["status"] for r in results] == [200] * 5
         assert (await call())["status"] == 200  # slots come back
 
     asyncio.run(scenario())
@@ -367,6 +375,9 @@ def test_a_route_that_raises_is_answered_at_once_under_bentomls_timeout(path, st
     assert sent[0]["status"] == status
     error = json.loads(sent[1]["body"])["error"]
     assert error["code"] == code and "dependency socket" not in error["message"]
+    assert error["message"] == (
+        "Not ready." if status == 503 else "The server had an error while processing your request."
+    )
 
 
 @pytest.mark.parametrize(("method", "status", "code"), [("GET", 404, "not_found"), ("PUT", 405, "method_not_allowed")])
@@ -376,8 +387,11 @@ def test_a_frameworks_plain_text_refusal_becomes_an_openai_error(method, status,
 
     from hcxserve.gateway.fallback import ErrorFallback
 
-    async def router(scope, receive, send):
-        await PlainTextResponse("Not Found", status_code=status)(scope, receive, send)
+    async def router(scope, receive, send):  # a plain-text refusal, its body in two chunks
+        start = PlainTextResponse("Not Found", status_code=status)
+        await send({"type": "http.response.start", "status": status, "headers": start.raw_headers})
+        await send({"type": "http.response.body", "body": b"Not ", "more_body": True})
+        await send({"type": "http.response.body", "body": b"Found", "more_body": False})
 
     async def scenario():
         sent = []
