@@ -21,7 +21,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_encoders import machine  # noqa: E402
+from benchmarks.bench_encoders import machine, publish  # noqa: E402
 from benchmarks.bench_serving import command_line, rss_table  # noqa: E402
 from hcxserve.tooling.testing import serve_bento  # noqa: E402
 
@@ -101,10 +101,7 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HCX_PROFILE", "embedded")
     results = {name: measure(name, log_dir, args.settle) for name in BENTOS}
-    text = "\n".join(report(results)) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(report(results), args.out)
 
 
 if __name__ == "__main__":

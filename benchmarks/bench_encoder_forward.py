@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_encoders import machine, test_png, test_wav  # noqa: E402
+from benchmarks.bench_encoders import machine, publish, test_png, test_wav  # noqa: E402
 from hcxserve.config import load_track  # noqa: E402
 from hcxserve.protocol.payloads import AudioInput, ImageInput  # noqa: E402
 
@@ -117,10 +117,7 @@ def main() -> None:
             f"| {name} | {r['bs1']:.1f} | {r['batched']:.1f} | {r['batched'] / r['bs1']:.2f}x | {cosine} | {codes} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,14 @@ async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[st
             server.proc.stop()
 
 
+def publish(lines: list[str], out: str | Path | None) -> None:
+    """A benchmark's markdown report: printed, and written to `out` when given (benchmarks/results/...)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def machine() -> str:
     import psutil
     import torch
@@ -350,10 +358,7 @@ def main() -> None:
     for encoder in available(args.encoders.split(",")):
         print(f"{encoder.key}: starting servers", file=sys.stderr, flush=True)
         runs.append(asyncio.run(bench_encoder(encoder, args, env, log_dir)))
-    table = render(runs, args, env, command)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    publish([render(runs, args, env, command)], args.out)
 
 
 if __name__ == "__main__":

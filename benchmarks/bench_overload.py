@@ -33,7 +33,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_encoders import machine  # noqa: E402
+from benchmarks.bench_encoders import machine, publish  # noqa: E402
 from hcxserve.tooling.testing import serve_bento  # noqa: E402
 
 MODEL = "track_a_model"
@@ -194,10 +194,7 @@ def main() -> None:
     parser.add_argument("--log", default="/tmp/bench_overload.log")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    text = "\n".join(asyncio.run(run(args))) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(asyncio.run(run(args)), args.out)
 
 
 if __name__ == "__main__":

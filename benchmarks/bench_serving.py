@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_encoders import machine, test_png, test_wav  # noqa: E402
+from benchmarks.bench_encoders import machine, publish, test_png, test_wav  # noqa: E402
 from hcxserve.config import TrackConfig, load_track  # noqa: E402
 from hcxserve.llm.args import vllm_server_command  # noqa: E402
 from hcxserve.tooling.testing import ServedProcess, free_port, serve_bento, serve_env  # noqa: E402
@@ -340,10 +340,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     lines = asyncio.run(run(args) if args.track == "a" else run_track_b(args))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

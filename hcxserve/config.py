@@ -102,6 +102,9 @@ class ComponentsConfig(_Section):
     audio_encoder: AudioEncoderConfig | None = None
 
 
+# a component kind's part of its service's name (`TrackConfig.service_name`)
+SERVICE_NAMES = {"llm": "LLM", "vision_encoder": "VisionEncoder", "audio_encoder": "AudioEncoder"}
+
 # which component encodes each modality
 MODALITY_COMPONENT: dict[str, str] = {"image": "vision_encoder", "video": "vision_encoder", "audio": "audio_encoder"}
 
@@ -244,6 +247,10 @@ class TrackConfig(_Section):
     def name(self) -> str:
         """`TrackA`: the prefix of its services' names."""
         return f"Track{self.track.upper()}"
+
+    def service_name(self, kind: str) -> str:
+        """The BentoML service of one of its components: `TrackA-LLM`, `TrackB-AudioEncoder`, ..."""
+        return f"{self.name}-{SERVICE_NAMES[kind]}"
 
     def component_dir(self, folder: str) -> Path:
         return self.model_dir / folder

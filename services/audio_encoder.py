@@ -13,7 +13,9 @@ from services.dependencies import batching
 def audio_encoder_service(track: TrackConfig) -> type:
     cfg = track.components.audio_encoder
 
-    @bentoml.service(name=f"{track.name}-AudioEncoder", resources=cfg.resources(), traffic={"timeout": cfg.timeout_s})
+    @bentoml.service(
+        name=track.service_name("audio_encoder"), resources=cfg.resources(), traffic={"timeout": cfg.timeout_s}
+    )
     class AudioEncoder:
         def __init__(self) -> None:
             from hcxserve.encoders.audio import AudioEncoderPipeline

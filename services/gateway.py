@@ -59,7 +59,7 @@ class _Gateway:
             )
             llm = LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=track.llm.timeout_s)
             probes = {
-                self.components[track.track][kind].name: self._readiness(f"{track.track}_{kind}")
+                track.service_name(kind): self._readiness(f"{track.track}_{kind}")
                 for kind in track.encoders()
             }
             self.servings[track.track] = ChatCompletionServing(

@@ -16,7 +16,7 @@ def llm_service(track: TrackConfig) -> type:
     llm = track.llm
 
     @bentoml.service(
-        name=f"{track.name}-LLM",
+        name=track.service_name("llm"),
         resources=llm.resources(),
         traffic={"timeout": llm.timeout_s},
         # liveness is vLLM's own /health (through BentoML's proxy); readiness is BentoML's /readyz, ready once the

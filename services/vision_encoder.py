@@ -13,7 +13,9 @@ from services.dependencies import batching
 def vision_encoder_service(track: TrackConfig) -> type:
     cfg = track.components.vision_encoder
 
-    @bentoml.service(name=f"{track.name}-VisionEncoder", resources=cfg.resources(), traffic={"timeout": cfg.timeout_s})
+    @bentoml.service(
+        name=track.service_name("vision_encoder"), resources=cfg.resources(), traffic={"timeout": cfg.timeout_s}
+    )
     class VisionEncoder:
         def __init__(self) -> None:
             from hcxserve.encoders.vision import VisionEncoderPipeline

@@ -118,8 +118,10 @@ def build_app(deployment: Deployment, servings: Servings) -> FastAPI:
             app.add_api_route(f"{route}/chat/completions", chat_completions, methods=["POST"])
             app.add_api_route(f"{route}/models", models, methods=["GET"])
 
+    any_model_max_body = deployment.max_body_bytes()
+
     async def any_model_chat_completions(request: Request):
-        body = await read_request(request, deployment.max_body_bytes(), max_depth)
+        body = await read_request(request, any_model_max_body, max_depth)
         by_track = servings()
         if not body.model:
             return await _respond(by_track[deployment.default_track], body, request)

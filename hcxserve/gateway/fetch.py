@@ -114,6 +114,7 @@ class MediaFetcher:
     ) -> None:
         self.config = config
         self._resolve = resolver
+        self._operator_networks = [ipaddress.ip_network(cidr, strict=False) for cidr in config.allowed_networks]
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.fetch_timeout_s), follow_redirects=False, trust_env=False
         )
@@ -191,16 +192,13 @@ class MediaFetcher:
             raise MediaError(f"{param}: cannot resolve host {host!r}", param=param, code="unreachable_url")
         for text in addresses:
             address = ipaddress.ip_address(text.split("%")[0])
-            if not is_public_address(address) and not self._operator_network(address):
+            if not is_public_address(address) and not any(address in net for net in self._operator_networks):
                 raise MediaError(
                     f"{param}: URL host {host!r} resolves to a non-public address, which this server does not fetch",
                     param=param,
                     code="forbidden_url",
                 )
         return addresses[0].split("%")[0]
-
-    def _operator_network(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in self.config.allowed_networks)
 
     async def _download_within_budget(self, url: str, param: str, limit: int) -> bytes:
         budget = _budget.get()

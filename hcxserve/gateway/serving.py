@@ -74,7 +74,7 @@ class ChatCompletionServing:
 
     async def components_ready(self) -> dict[str, bool]:
         """Every component of the track by service name (`TrackA-LLM`, ...): whether it answers."""
-        probes = {f"{self.track.name}-LLM": self.llm.healthy, **self.probes}
+        probes = {self.track.service_name("llm"): self.llm.healthy, **self.probes}
         states = await asyncio.gather(*(probe() for probe in probes.values()))
         return dict(zip(probes, states))
 

@@ -380,8 +380,7 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
             track=config.track,
         )  # fmt: skip
         llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
-        probes = {f"{config.name}-{kind.title().replace('_', '')}": fakes_ready(components[kind])
-                  for kind in config.encoders()}  # fmt: skip
+        probes = {config.service_name(kind): fakes_ready(components[kind]) for kind in config.encoders()}
         servings[config.track] = ChatCompletionServing(
             config, deployment.gateway, llm=llm_client, media=media, probes=probes
         )

@@ -18,6 +18,21 @@ TRACKS = ["a", "b"]
 KEYS = "key-one,key-two"
 
 
+def asgi_call(app, path, method="GET", *, kind="http", headers=(), sent=None) -> list[dict]:
+    """Drive an ASGI app (a middleware under test) once, with an empty body, within 2 s; every message it sent."""
+    sent = [] if sent is None else sent
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": kind, "path": path, "method": method, "headers": list(headers), "query_string": b""}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=2))
+    return sent
+
+
 def hi(**fields):
     return {"messages": [{"role": "user", "content": "hi"}], **fields}
 
@@ -357,21 +372,7 @@ def test_a_route_that_raises_is_answered_at_once_under_bentomls_timeout(path, st
     async def broken(scope, receive, send):
         raise ConnectionRefusedError("dependency socket")
 
-    async def scenario():
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        async def receive():
-            return {"type": "http.request", "body": b""}
-
-        app = TimeoutMiddleware(ErrorFallback(broken), timeout=60)
-        scope = {"type": "http", "path": path, "method": "GET", "headers": [], "query_string": b""}
-        await asyncio.wait_for(app(scope, receive, send), timeout=2)
-        return sent
-
-    sent = asyncio.run(scenario())
+    sent = asgi_call(TimeoutMiddleware(ErrorFallback(broken), timeout=60), path)  # within 2 s, not 60
     assert sent[0]["status"] == status
     error = json.loads(sent[1]["body"])["error"]
     assert error["code"] == code and "dependency socket" not in error["message"]
@@ -393,20 +394,7 @@ def test_a_frameworks_plain_text_refusal_becomes_an_openai_error(method, status,
         await send({"type": "http.response.body", "body": b"Not ", "more_body": True})
         await send({"type": "http.response.body", "body": b"Found", "more_body": False})
 
-    async def scenario():
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        async def receive():
-            return {"type": "http.request", "body": b""}
-
-        scope = {"type": "http", "path": "/v2/models", "method": method, "headers": [], "query_string": b""}
-        await ErrorFallback(router)(scope, receive, send)
-        return sent
-
-    start, body = asyncio.run(scenario())
+    start, body = asgi_call(ErrorFallback(router), "/v2/models", method)
     assert start["status"] == status and dict(start["headers"])[b"content-type"] == b"application/json"
     error = json.loads(body["body"])["error"]
     assert error["code"] == code
@@ -420,35 +408,19 @@ def test_a_route_that_fails_after_its_response_started_is_not_answered_twice():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         raise ConnectionResetError("upstream went away mid-body")
 
-    async def scenario():
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        scope = {"type": "http", "path": "/v1/models", "method": "GET", "headers": [], "query_string": b""}
-        with pytest.raises(ConnectionResetError):
-            await ErrorFallback(half)(scope, None, send)
-        return sent
-
-    assert [m["type"] for m in asyncio.run(scenario())] == ["http.response.start"]
+    sent = []
+    with pytest.raises(ConnectionResetError):
+        asgi_call(ErrorFallback(half), "/v1/models", sent=sent)
+    assert [m["type"] for m in sent] == ["http.response.start"]
 
 
 def test_a_websocket_without_a_key_is_closed():
-    async def scenario():
-        reached, sent = [], []
+    reached = []
 
-        async def app(scope, receive, send):
-            reached.append(scope["path"])
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
 
-        async def send(message):
-            sent.append(message)
-
-        auth = APIKeyAuth(app, auth=AuthConfig(api_keys=["k"]))
-        socket = {"type": "websocket", "path": "/v1/realtime"}
-        await auth({**socket, "headers": []}, None, send)
-        await auth({**socket, "headers": [(b"authorization", b"Bearer k")]}, None, send)
-        return reached, sent
-
-    reached, sent = asyncio.run(scenario())
-    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == ["/v1/realtime"]
+    auth = APIKeyAuth(app, auth=AuthConfig(api_keys=["k"]))
+    assert asgi_call(auth, "/v1/realtime", kind="websocket") == [{"type": "websocket.close", "code": 1008}]
+    assert asgi_call(auth, "/v1/realtime", kind="websocket", headers=[(b"authorization", b"Bearer k")]) == []
+    assert reached == ["/v1/realtime"]
