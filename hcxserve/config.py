@@ -81,6 +81,12 @@ class EncoderConfig(ComponentConfig):
         10000, description="BentoML answers 503 to calls it cannot finish within this; the batching window is learned."
     )
     threads: PositiveInt | None = Field(None, description="torch intra-op threads on CPU (None: torch default).")
+    cache_bytes: int = Field(
+        1 << 30,
+        ge=0,
+        description="The gateway's cache of this component's results, by content, in bytes per gateway worker "
+        "(0: off); see hcxserve.gateway.encoder_cache.",
+    )
 
 
 class VisionEncoderConfig(EncoderConfig):

@@ -12,6 +12,7 @@ import bentoml
 
 from hcxserve.config import Deployment, TrackConfig
 from hcxserve.gateway.app import build_app, middlewares
+from hcxserve.gateway.encoder_cache import PrometheusCacheMetrics, track_caches
 from hcxserve.gateway.fetch import MediaFetcher
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
@@ -44,6 +45,7 @@ class _Gateway:
     async def _start(self) -> None:
         self.servings: dict[str, ChatCompletionServing] = {}
         self.fetchers: list[MediaFetcher] = []
+        cache_metrics = PrometheusCacheMetrics()
         for track in self.deployment.served_tracks():
             llm_service_ = self.components[track.track]["llm"]
             llm_url = llm_service_.url or f"http://127.0.0.1:{track.llm.port}"
@@ -56,6 +58,7 @@ class _Gateway:
                 spec=VisionTowerSpec.from_dir(track.component_dir(track.components.vision_encoder.folder)),
                 encode=self._encoder_call(track.track),
                 track=track.track,
+                caches=track_caches(track, cache_metrics),
             )
             llm = LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=track.llm.timeout_s)
             probes = {

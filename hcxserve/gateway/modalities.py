@@ -15,13 +15,14 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
 
 from pydantic import BaseModel
 
 from hcxserve.config import MODALITY_COMPONENT, MediaConfig
+from hcxserve.gateway.encoder_cache import EncoderCache
 from hcxserve.gateway.fetch import MediaFetcher, request_budget
 from hcxserve.media.images import probe_image
 from hcxserve.models.vision_spec import VisionTowerSpec
@@ -113,6 +114,10 @@ class Modality:
     def upstream_part(cls, embedding: Any) -> dict[str, Any]:
         """The content part vLLM takes in place of the client's."""
         raise NotImplementedError
+
+    def reusable(self, result: Any) -> bool:
+        """Whether an encoder's result may be kept for later requests: a well-formed embedding, not a refusal."""
+        return result.error is None and result.embedding is not None and self.well_formed(result.embedding)
 
 
 class _VisualModality(Modality):
@@ -275,8 +280,10 @@ class MediaInputs:
         spec: VisionTowerSpec,
         encode: EncoderCall,
         track: str,
+        caches: Mapping[str, EncoderCache] | None = None,
     ) -> None:
         self.media = media
+        self.caches = dict(caches or {})
         self.modalities = [MODALITIES[name](media, fetcher, spec) for name in modalities]
         self.encode = encode
         self.track = track
@@ -326,17 +333,25 @@ class MediaInputs:
         return parts
 
     async def _call(self, modality: Modality, inputs: list) -> Sequence:
-        """One batched encoder call; anything but a client error becomes a 502 without internals."""
-        try:
-            results = await self.encode(modality.component, modality.method, inputs)
-        except APIError:
-            raise
-        except Exception:
-            logger.exception("%s call failed", modality.encoder_label)
-            raise UpstreamError(f"The {modality.encoder_label} failed to process the request.") from None
-        if len(results) != len(inputs):
-            raise UpstreamError(f"The {modality.encoder_label} returned a wrong number of results.")
-        return results
+        """The encodings of `inputs`: from the component's cache, and one batched call for the items it does not
+        hold. Anything but a client error becomes a 502 without internals."""
+
+        async def call(method: str, items: list) -> Sequence:
+            try:
+                results = await self.encode(modality.component, method, items)
+            except APIError:
+                raise
+            except Exception:
+                logger.exception("%s call failed", modality.encoder_label)
+                raise UpstreamError(f"The {modality.encoder_label} failed to process the request.") from None
+            if len(results) != len(items):
+                raise UpstreamError(f"The {modality.encoder_label} returned a wrong number of results.")
+            return results
+
+        cache = self.caches.get(modality.component)
+        if cache is None:
+            return await call(modality.method, inputs)
+        return await cache.encode(modality.method, inputs, call, keep=modality.reusable)
 
 
 def _embedding_of(ref: MediaRef, result: Any) -> Any:

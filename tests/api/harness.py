@@ -28,6 +28,7 @@ from starlette.testclient import TestClient
 
 from hcxserve.config import dotted_overrides, load_deployment
 from hcxserve.gateway.app import build_app, middlewares
+from hcxserve.gateway.encoder_cache import track_caches
 from hcxserve.gateway.fetch import MediaFetcher
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
@@ -271,6 +272,7 @@ class TrackFakes:
     vision: FakeVisionEncoder
     audio: FakeAudioEncoder
     config: Any
+    caches: dict[str, Any]  # the gateway's encoder caches by component kind
 
 
 @dataclass
@@ -299,6 +301,10 @@ class Gateway:
     @property
     def config(self) -> Any:
         return self.tracks[self.track].config
+
+    @property
+    def caches(self) -> dict[str, Any]:
+        return self.tracks[self.track].caches
 
     @property
     def prefix(self) -> str:
@@ -377,14 +383,14 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
 
         media = MediaInputs(
             config.llm.modalities, config.media, fetcher=web.fetcher(config.media), spec=spec, encode=encode,
-            track=config.track,
+            track=config.track, caches=(caches := track_caches(config)),
         )  # fmt: skip
         llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
         probes = {config.service_name(kind): fakes_ready(components[kind]) for kind in config.encoders()}
         servings[config.track] = ChatCompletionServing(
             config, deployment.gateway, llm=llm_client, media=media, probes=probes
         )
-        fakes[config.track] = TrackFakes(llm, vision, audio, config)
+        fakes[config.track] = TrackFakes(llm, vision, audio, config, caches)
     app = build_app(deployment, lambda: servings)
     for middleware, options in reversed(middlewares(deployment)):
         app = middleware(app, **options)

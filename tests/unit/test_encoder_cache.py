@@ -1,0 +1,239 @@
+"""The encoder cache on its own: keys, byte bound and LRU order, sharing one call between concurrent requests,
+and what happens when that call fails or its first caller goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from hcxserve.config import load_track
+from hcxserve.gateway.encoder_cache import (
+    EncoderCache,
+    PrometheusCacheMetrics,
+    checkpoint_fingerprint,
+    encoding_size,
+    track_caches,
+)
+from hcxserve.protocol.payloads import ImageInput, VideoInput, VisionEmbedding, VisionEncoding
+
+pytestmark = pytest.mark.anyio  # the async tests run on asyncio (anyio's pytest plugin)
+
+EMBEDS = "E" * 1000  # each encoding holds 1000 base64 characters
+
+
+def encoding(tag: str) -> VisionEncoding:
+    embeds = (tag + EMBEDS)[: len(EMBEDS)]
+    return VisionEncoding(embedding=VisionEmbedding(embeds_b64=embeds, rows=1, dim=8, dtype="f", grid_thw=(1, 2, 2)))
+
+
+SIZE = encoding_size(encoding("x"))
+
+
+class Encoder:
+    """Encodes each item as its bytes; records each call; `gate`, when set, holds calls until it opens."""
+
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+        self.gate: asyncio.Event | None = None
+        self.failure: Exception | None = None
+
+    async def __call__(self, method: str, items: list) -> list[VisionEncoding]:
+        self.calls.append(items)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failure is not None:
+            raise self.failure
+        return [
+            VisionEncoding(error="refused") if item.data == b"bad" else encoding(item.data.decode()) for item in items
+        ]
+
+
+def keep(result: VisionEncoding) -> bool:
+    return result.error is None
+
+
+def cache(max_entries: float = 10, fingerprint: str = "ckpt") -> EncoderCache:
+    return EncoderCache("TrackA-VisionEncoder", max_bytes=int(max_entries * SIZE), fingerprint=fingerprint)
+
+
+def images(*names: bytes) -> list[ImageInput]:
+    return [ImageInput(data=name) for name in names]
+
+
+async def test_a_hit_is_the_result_of_the_miss_and_skips_the_encoder():
+    store, encoder = cache(), Encoder()
+    first = await store.encode("encode", images(b"a", b"b"), encoder, keep)
+    again = await store.encode("encode", images(b"b", b"a", b"c"), encoder, keep)
+    assert again[0] is first[1] and again[1] is first[0]  # the very objects: byte-identical embeddings
+    assert [[item.data for item in call] for call in encoder.calls] == [[b"a", b"b"], [b"c"]]
+    assert (store.hits, store.misses, len(store)) == (2, 3, 3)
+
+
+async def test_the_same_item_twice_in_one_call_is_encoded_once():
+    store, encoder = cache(), Encoder()
+    results = await store.encode("encode", images(b"a", b"a", b"b", b"a"), encoder, keep)
+    assert [[item.data for item in call] for call in encoder.calls] == [[b"a", b"b"]]
+    assert results[0] is results[1] is results[3] and results[2].embedding.embeds_b64.startswith("b")
+
+
+async def test_refusals_are_not_kept():
+    store, encoder = cache(), Encoder()
+    for _ in range(2):
+        results = await store.encode("encode", images(b"bad"), encoder, keep)
+        assert results[0].error == "refused"
+    assert len(encoder.calls) == 2 and len(store) == 0
+
+
+async def test_eviction_by_bytes_least_recently_used_first():
+    store, encoder = cache(max_entries=2.5), Encoder()
+    await store.encode("encode", images(b"a", b"b"), encoder, keep)
+    await store.encode("encode", images(b"a"), encoder, keep)  # a is now the most recently used
+    await store.encode("encode", images(b"c"), encoder, keep)  # over the bound: b goes
+    assert (len(store), store.bytes, store.evictions) == (2, 2 * SIZE, 1)
+    encoder.calls.clear()
+    await store.encode("encode", images(b"a", b"c"), encoder, keep)
+    assert encoder.calls == []
+    await store.encode("encode", images(b"b"), encoder, keep)
+    assert [[item.data for item in call] for call in encoder.calls] == [[b"b"]]
+
+
+async def test_an_entry_larger_than_the_cache_is_not_kept():
+    store, encoder = cache(max_entries=0.5), Encoder()
+    await store.encode("encode", images(b"a"), encoder, keep)
+    assert (len(store), store.bytes) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (VideoInput(data=b"v", fps=2.0, max_pixels=100), VideoInput(data=b"v", fps=1.0, max_pixels=100)),
+        (VideoInput(data=b"v", fps=2.0, max_pixels=100), VideoInput(data=b"v", fps=2.0, max_pixels=50)),
+        (VideoInput(frames=[b"a", b"b"], fps=2.0, max_pixels=100), VideoInput(frames=[b"ab"], fps=2.0, max_pixels=100)),
+        (
+            VideoInput(frames=[b"a", b"b"], fps=2.0, max_pixels=100),
+            VideoInput(frames=[b"b", b"a"], fps=2.0, max_pixels=100),
+        ),
+        (VideoInput(data=b"v", fps=2.0, max_pixels=100), VideoInput(frames=[b"v"], fps=2.0, max_pixels=100)),
+    ],
+)
+async def test_a_changed_option_or_content_misses(first, second):
+    store = cache()
+    assert (await store.keys("encode_videos", [first])) != (await store.keys("encode_videos", [second]))
+    assert (await store.keys("encode_videos", [first])) == (await store.keys("encode_videos", [first.model_copy()]))
+
+
+async def test_the_method_and_the_checkpoint_are_part_of_the_key():
+    item = images(b"a")
+    assert await cache().keys("encode", item) != await cache().keys("encode_videos", item)
+    assert await cache(fingerprint="one").keys("encode", item) != await cache(fingerprint="two").keys("encode", item)
+
+
+async def test_large_items_are_hashed_off_the_event_loop(monkeypatch):
+    threads = []
+    real = asyncio.to_thread
+
+    async def to_thread(fn, *args):
+        threads.append(fn)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    store = cache()
+    small = await store.keys("encode", images(b"a" * 1000))
+    large = await store.keys("encode", images(b"a" * (2 << 20)))
+    assert len(threads) == 1 and small != large
+
+
+def test_the_fingerprint_follows_the_checkpoint_files_and_the_settings(tmp_path):
+    track = load_track("a", profile="embedded")
+    settings = (track.components.vision_encoder, track.media)
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"1234")
+    before = checkpoint_fingerprint(tmp_path, *settings)
+    assert checkpoint_fingerprint(tmp_path, *settings) == before
+    os.utime(weights, ns=(1, 1))  # the same size, rewritten
+    assert checkpoint_fingerprint(tmp_path, *settings) != before
+    changed = track.media.model_copy(update={"video_max_frames": 3})
+    assert checkpoint_fingerprint(tmp_path, track.components.vision_encoder, changed) != checkpoint_fingerprint(
+        tmp_path, *settings
+    )
+
+
+def test_track_caches_follow_the_configuration():
+    track = load_track("b", profile="embedded")
+    assert set(track_caches(track)) == {"vision_encoder", "audio_encoder"}
+    off = load_track(
+        "b", profile="embedded", overrides={"tracks": {"b": {"components": {"audio_encoder": {"cache_bytes": 0}}}}}
+    )
+    caches = track_caches(off)
+    assert set(caches) == {"vision_encoder"}
+    assert caches["vision_encoder"].max_bytes == off.components.vision_encoder.cache_bytes
+
+
+# ---------------------------------------------------------------------------------------------- concurrency
+async def test_concurrent_requests_for_the_same_item_share_one_call():
+    store, encoder = cache(), Encoder()
+    encoder.gate = asyncio.Event()
+    requests = [asyncio.ensure_future(store.encode("encode", images(b"a", b"x"), encoder, keep))]
+    await asyncio.sleep(0)
+    requests += [asyncio.ensure_future(store.encode("encode", images(b"a"), encoder, keep)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    encoder.gate.set()
+    results = await asyncio.gather(*requests)
+    assert [[item.data for item in call] for call in encoder.calls] == [[b"a", b"x"]]
+    assert all(r[0] is results[0][0] for r in results)
+    assert (store.hits, store.misses) == (3, 2)
+
+
+async def test_the_shared_call_goes_on_when_its_first_caller_is_cancelled():
+    store, encoder = cache(), Encoder()
+    encoder.gate = asyncio.Event()
+    first = asyncio.ensure_future(store.encode("encode", images(b"a"), encoder, keep))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(store.encode("encode", images(b"a"), encoder, keep))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    encoder.gate.set()
+    assert (await second)[0].embedding.embeds_b64.startswith("a")
+    assert first.cancelled() and len(encoder.calls) == 1 and len(store) == 1
+
+
+async def test_a_failed_call_fails_its_waiters_and_keeps_nothing():
+    store, encoder = cache(), Encoder()
+    encoder.gate, encoder.failure = asyncio.Event(), ConnectionError("encoder gone")
+    requests = [asyncio.ensure_future(store.encode("encode", images(b"a"), encoder, keep)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    encoder.gate.set()
+    outcomes = await asyncio.gather(*requests, return_exceptions=True)
+    assert all(isinstance(o, ConnectionError) for o in outcomes) and len(store) == 0
+    encoder.failure, encoder.gate = None, None
+    assert (await store.encode("encode", images(b"a"), encoder, keep))[0].error is None  # tried again
+    assert len(encoder.calls) == 2
+
+
+async def test_a_wrong_number_of_results_is_an_error_not_a_short_answer():
+    store = cache()
+
+    async def short(method, items):
+        return []
+
+    with pytest.raises(RuntimeError, match="0 results for 1 items"):
+        await store.encode("encode", images(b"a"), short, keep)
+
+
+def test_prometheus_metrics_count_hits_misses_evictions_and_bytes():
+    from prometheus_client import REGISTRY
+
+    metrics = PrometheusCacheMetrics()
+    PrometheusCacheMetrics()  # a second instance shares the process's metrics
+    labels = {"component": "TrackZ-VisionEncoder"}
+    metrics.record("TrackZ-VisionEncoder", hits=3, misses=2, evictions=1, bytes_delta=100)
+    metrics.record("TrackZ-VisionEncoder", hits=1, misses=0, evictions=0, bytes_delta=-40)
+    sample = REGISTRY.get_sample_value
+    assert sample("hcx_encoder_cache_hits_total", labels) == 4
+    assert sample("hcx_encoder_cache_misses_total", labels) == 2
+    assert sample("hcx_encoder_cache_evictions_total", labels) == 1
+    assert sample("hcx_encoder_cache_bytes", labels) == 60
