@@ -42,6 +42,17 @@ def make_png(width: int = 64, height: int = 48, color=(200, 30, 30), mode: str =
     return buffer.getvalue()
 
 
+def make_noise_png(width: int, height: int, seed: int = 0) -> bytes:
+    """Random pixels: a PNG about as large as the raw image (3 bytes a pixel), for size limits and large uploads."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def make_photo(width: int = 448, height: int = 336) -> bytes:
     """A picture with shapes, edges and gradients (closer to a photo than a flat test card)."""
     import numpy as np

@@ -84,15 +84,20 @@ def parse_json_body(raw: bytes, max_depth: int) -> Any:
     return body
 
 
-async def read_request(request: Request, max_bytes: int, max_depth: int) -> ChatCompletionRequest:
-    raw = await _read_body(request, max_bytes)
-    if len(raw) > _PARSE_INLINE_BYTES:
-        body = await asyncio.to_thread(parse_json_body, raw, max_depth)
-    else:
-        body = parse_json_body(raw, max_depth)
+def parse_request(raw: bytes, max_depth: int) -> ChatCompletionRequest:
+    body = parse_json_body(raw, max_depth)
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
     try:
         return ChatCompletionRequest.model_validate(body)
     except pydantic.ValidationError as exc:
         raise invalid_request_from_validation(exc.errors(include_url=False)) from None
+
+
+async def read_request(request: Request, max_bytes: int, max_depth: int) -> ChatCompletionRequest:
+    """The request, read within `max_bytes`; a large body is parsed and validated off the event loop, so one
+    upload does not hold up the worker's other requests."""
+    raw = await _read_body(request, max_bytes)
+    if len(raw) > _PARSE_INLINE_BYTES:
+        return await asyncio.to_thread(parse_request, raw, max_depth)
+    return parse_request(raw, max_depth)

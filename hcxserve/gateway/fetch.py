@@ -31,6 +31,7 @@ from hcxserve.config import MediaConfig
 from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
 
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
+_DECODE_INLINE_CHARS = 256 << 10  # larger inline media is decoded off the event loop
 # `is_global` is True for these, yet none of them is a public unicast host a client may point us at
 _NOT_PUBLIC_V6 = (
     ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed inside some networks)
@@ -131,7 +132,7 @@ class MediaFetcher:
         except ValueError:  # e.g. an unclosed IPv6 bracket
             raise MediaError(f"{param}: malformed URL", param=param) from None
         if scheme == "data":
-            return self._decode_data_url(ref, param, limit)
+            return await self._off_loop(self._decode_data_url, ref, param, limit)
         if scheme in ("http", "https"):
             if not self.config.allow_remote_media:
                 raise MediaError(
@@ -142,7 +143,14 @@ class MediaFetcher:
             return await self._download_within_budget(ref, param, limit)
         if scheme:
             raise MediaError(f"{param}: unsupported URL scheme {scheme!r}; use http(s) or a data: URL", param=param)
-        return self._decode_base64(ref, param, limit)
+        return await self._off_loop(self._decode_base64, ref, param, limit)
+
+    @staticmethod
+    async def _off_loop(decode, text: str, param: str, limit: int) -> bytes:
+        """Inline media decoded in a thread when it is large: megabytes of base64 would stall the event loop."""
+        if len(text) > _DECODE_INLINE_CHARS:
+            return await asyncio.to_thread(decode, text, param, limit)
+        return decode(text, param, limit)
 
     # ------------------------------------------------------------------------------------------ inline data
     @staticmethod

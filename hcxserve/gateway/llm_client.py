@@ -8,6 +8,7 @@ sentence about the request; anything describing internals (and every server-side
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -105,7 +106,7 @@ class LLMClient:
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         with _transport_errors(ServiceUnavailableError("The language model is unreachable.")):
-            response = await self._client.post("/v1/chat/completions", json=body)
+            response = await self._client.post("/v1/chat/completions", content=await _encoded(body), headers=_JSON)
         if response.status_code != 200:
             raise _error_from_upstream(response.status_code, response.content)
         return _json_object(response.content)
@@ -113,7 +114,9 @@ class LLMClient:
     async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yield vLLM's stream chunks as dicts. Errors before the first chunk raise; later ones too (the caller
         turns them into an in-stream error event)."""
-        request = self._client.build_request("POST", "/v1/chat/completions", json=body)
+        request = self._client.build_request(
+            "POST", "/v1/chat/completions", content=await _encoded(body), headers=_JSON
+        )
         with _transport_errors(ServiceUnavailableError("The language model is unreachable.")):
             response = await self._client.send(request, stream=True)
         try:
@@ -122,6 +125,14 @@ class LLMClient:
                     yield event
         finally:
             await response.aclose()
+
+
+_JSON = {"content-type": "application/json"}
+
+
+async def _encoded(body: dict[str, Any]) -> bytes:
+    """The request body for vLLM, serialised off the event loop: with media it holds megabytes of embeddings."""
+    return await asyncio.to_thread(lambda: json.dumps(body, separators=(",", ":")).encode())
 
 
 async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

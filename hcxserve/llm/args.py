@@ -47,6 +47,8 @@ def vllm_server_command(
         json.dumps({"reasoning_start_str": llm.reasoning_start, "reasoning_end_str": llm.reasoning_end}),
         "--enable-prefix-caching" if llm.enable_prefix_caching else "--no-enable-prefix-caching",
         "--disable-uvicorn-access-log",
+        # usage.prompt_tokens_details.cached_tokens: how much of each prompt vLLM's prefix cache served
+        "--enable-prompt-tokens-details",
         "--shutdown-timeout",
         str(llm.shutdown_timeout_s),
     ]

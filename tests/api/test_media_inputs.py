@@ -3,13 +3,14 @@ refusal (status, `param`, nothing reaching the LLM)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
 
 from hcxserve.protocol.payloads import AudioEncoding, VisionEncoding
 from tests.api.harness import audio_encoding, gateway
-from tests.conftest import data_url, make_audio, make_png
+from tests.conftest import data_url, make_audio, make_noise_png, make_png
 
 PNG = make_png()
 WAV = make_audio(0.5)
@@ -502,3 +503,32 @@ def test_a_url_inside_base64_is_recognised_up_to_2048_characters():
         gw.audio.results = lambda clips: [AudioEncoding(error="cannot decode the audio")]
         refused(gw.chat(user(input_audio(over))), 400, "messages[0].content[0]")
         assert gw.audio.clips[-1].data == base64.b64decode(over)
+
+
+# ---------------------------------------------------------------------------------------------- the event loop
+def test_large_payloads_are_worked_on_off_the_event_loop(monkeypatch):
+    """Parsing a large body, decoding its inline media, hashing it for the encoder cache and serialising the LLM's
+    request run in threads: one large upload must not stall the worker's other requests."""
+    offloaded = []
+    to_thread = asyncio.to_thread
+
+    async def recording(fn, *args, **kwargs):
+        offloaded.append(getattr(fn, "__qualname__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", recording)
+    large = make_noise_png(1024, 1024)
+    assert len(large) > 1 << 20
+    with gateway(**{"media.max_image_bytes": 8 << 20}) as gw:
+        assert gw.chat(user(image_url(data_url(large)))).status_code == 200
+        assert gw.vision.images[0].data == large
+    assert offloaded == [
+        "parse_request",
+        "MediaFetcher._decode_data_url",
+        "EncoderCache.keys.<locals>.<lambda>",
+        "_encoded.<locals>.<lambda>",
+    ]
+    offloaded.clear()
+    with gateway() as gw:
+        assert gw.chat(user(image_url(data_url(PNG)), text("small"))).status_code == 200
+    assert offloaded == ["_encoded.<locals>.<lambda>"]  # small ones stay on the loop, but for the LLM's request

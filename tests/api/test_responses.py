@@ -26,6 +26,7 @@ def test_completion(track):
         gw.llm.reply = completion("Paris.", reasoning="capital of France")
         gw.llm.reply["choices"][0]["logprobs"] = LOGPROBS
         gw.llm.reply["choices"][0]["finish_reason"] = "length"
+        gw.llm.reply["usage"]["prompt_tokens_details"] = {"cached_tokens": 8}  # vLLM's prefix cache served 8
         body = gw.chat(hi()).json()
     assert body["object"] == "chat.completion" and body["model"] == SERVED[track]
     assert body["id"] == "chatcmpl-upstream" and body["created"] == 1700000000
@@ -44,6 +45,7 @@ def test_completion(track):
         "prompt_tokens": 10,
         "completion_tokens": 3,
         "total_tokens": 13,
+        "prompt_tokens_details": {"cached_tokens": 8},
         "completion_tokens_details": None,
     }
 
@@ -85,6 +87,7 @@ def test_missing_id_and_usage_get_defaults():
 @pytest.mark.parametrize("track", TRACKS)
 def test_stream(track):
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    usage["prompt_tokens_details"] = {"cached_tokens": 4}
     with gateway(track) as gw:
         gw.llm.stream = sse(
             chunk({"role": "assistant", "content": ""}),

@@ -79,3 +79,16 @@ def logprob_distance(a, b) -> float:
 
 def reasoning_of(message) -> str | None:
     return (message.model_extra or {}).get("reasoning_content")
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """A sample of the gateway's Prometheus `/metrics` (0 when it has not been recorded yet)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0

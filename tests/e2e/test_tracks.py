@@ -20,6 +20,7 @@ from tests.e2e.helpers import (
     image_url,
     logprob_distance,
     merged,
+    metric,
     reasoning_of,
     text,
     user,
@@ -169,6 +170,31 @@ def test_multi_turn_reaches_the_model_whole(client, server, track):
             assert response.usage.prompt_tokens == expected.usage.prompt_tokens
         else:
             assert response.usage.prompt_tokens > expected.usage.prompt_tokens
+
+
+def test_a_follow_up_turn_reuses_the_encoding_and_the_prefix_cache(client, server, track):
+    """Turn 2 resends turn 1's picture: the gateway's encoder cache answers it (no encoder call), the LLM gets the
+    same embeddings, so vLLM's prefix cache serves the blocks holding the picture; the same turn with a picture
+    of the same size never sent before gets no such blocks."""
+    component = {"component": f"Track{track.upper()}-VisionEncoder"}
+    picture, unseen = (image_url(data_url(make_png(448, 336, color))) for color in ((11, 22, 33), (33, 22, 11)))
+    question = text("Describe the picture.")
+    answer = ask(client, [user(picture, question)], model=MODELS[track], max_tokens=8, **PLAIN[track])
+
+    def follow_up(image):
+        turns = [user(image, question), {"role": "assistant", "content": answer.choices[0].message.content}]
+        return ask(client, [*turns, user(text("And its colours?"))], model=MODELS[track], max_tokens=1, **PLAIN[track])
+
+    hits = metric(server, "hcx_encoder_cache_hits_total", **component)
+    misses = metric(server, "hcx_encoder_cache_misses_total", **component)
+    again = follow_up(picture)
+    assert metric(server, "hcx_encoder_cache_hits_total", **component) == hits + 1
+    assert metric(server, "hcx_encoder_cache_misses_total", **component) == misses
+    # a 448x336 picture is 192 merged patches: the first 128-token block (vLLM's CPU block size) holds part of it
+    assert again.usage.prompt_tokens_details.cached_tokens >= 128
+    control = follow_up(unseen)
+    assert control.usage.prompt_tokens == again.usage.prompt_tokens
+    assert control.usage.prompt_tokens_details.cached_tokens < 128
 
 
 def test_streaming_matches_non_streaming(client, track, media_server):
