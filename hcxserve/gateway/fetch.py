@@ -32,6 +32,20 @@ from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
 
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _DECODE_INLINE_CHARS = 256 << 10  # larger inline media is decoded off the event loop
+_DECODE_CHUNK_CHARS = 1 << 20  # a multiple of 4
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64 decoding in 1-MiB pieces: binascii holds the GIL while it works, and one 27-MB call would
+    stall the event loop's thread for ~70 ms even from another thread."""
+    if len(text) <= _DECODE_CHUNK_CHARS:
+        return base64.b64decode(text, validate=True)
+    return b"".join(
+        base64.b64decode(text[i : i + _DECODE_CHUNK_CHARS], validate=True)
+        for i in range(0, len(text), _DECODE_CHUNK_CHARS)
+    )
+
+
 # `is_global` is True for these, yet none of them is a public unicast host a client may point us at
 _NOT_PUBLIC_V6 = (
     ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, still routed inside some networks)
@@ -162,7 +176,7 @@ class MediaFetcher:
         text = text.rstrip("=")
         self._check_size(len(text) * 3 // 4, param, limit)  # the decoded size, known before decoding
         try:
-            data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+            data = _b64decode(text + "=" * (-len(text) % 4))
         except (binascii.Error, ValueError):
             raise MediaError(f"{param}: not a URL, data: URL or base64 data", param=param) from None
         if not data:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 _POOL = httpx.Limits(max_connections=256, max_keepalive_connections=64)
 _CONNECT_TIMEOUT_S = 10.0
 _HEALTH_TIMEOUT_S = 5.0
+_JSON = {"content-type": "application/json"}
 
 
 def make_http_client(url: str, *, runner_name: str | None, timeout: float) -> httpx.AsyncClient:
@@ -104,9 +105,24 @@ class LLMClient:
         except httpx.HTTPError:
             return False
 
+    async def _chat_request(self, body: dict[str, Any]) -> httpx.Request:
+        # serialised off the event loop: with media the body holds megabytes of embeddings
+        content = await asyncio.to_thread(lambda: json.dumps(body, separators=(",", ":")).encode())
+        return self._client.build_request("POST", "/v1/chat/completions", content=content, headers=_JSON)
+
+    async def _send(self, request: httpx.Request, *, stream: bool) -> httpx.Response:
+        """A pooled keep-alive connection the server closed just as it was reused fails before any response
+        ("Server disconnected without sending a response"): the request never reached vLLM, so it is sent once
+        more, on a new connection. A second failure is the server's."""
+        try:
+            return await self._client.send(request, stream=stream)
+        except httpx.RemoteProtocolError as exc:
+            logger.info("the LLM's connection closed before a response (%s); sending again", exc)
+        return await self._client.send(request, stream=stream)
+
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         with _transport_errors(ServiceUnavailableError("The language model is unreachable.")):
-            response = await self._client.post("/v1/chat/completions", content=await _encoded(body), headers=_JSON)
+            response = await self._send(await self._chat_request(body), stream=False)
         if response.status_code != 200:
             raise _error_from_upstream(response.status_code, response.content)
         return _json_object(response.content)
@@ -114,25 +130,15 @@ class LLMClient:
     async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yield vLLM's stream chunks as dicts. Errors before the first chunk raise; later ones too (the caller
         turns them into an in-stream error event)."""
-        request = self._client.build_request(
-            "POST", "/v1/chat/completions", content=await _encoded(body), headers=_JSON
-        )
+        request = await self._chat_request(body)
         with _transport_errors(ServiceUnavailableError("The language model is unreachable.")):
-            response = await self._client.send(request, stream=True)
+            response = await self._send(request, stream=True)
         try:
             with _transport_errors(UpstreamError("The language model stream was interrupted.")):
                 async for event in _sse_events(response):
                     yield event
         finally:
             await response.aclose()
-
-
-_JSON = {"content-type": "application/json"}
-
-
-async def _encoded(body: dict[str, Any]) -> bytes:
-    """The request body for vLLM, serialised off the event loop: with media it holds megabytes of embeddings."""
-    return await asyncio.to_thread(lambda: json.dumps(body, separators=(",", ":")).encode())
 
 
 async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

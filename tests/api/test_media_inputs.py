@@ -526,9 +526,11 @@ def test_large_payloads_are_worked_on_off_the_event_loop(monkeypatch):
         "parse_request",
         "MediaFetcher._decode_data_url",
         "EncoderCache.keys.<locals>.<lambda>",
-        "_encoded.<locals>.<lambda>",
+        "LLMClient._chat_request.<locals>.<lambda>",
     ]
     offloaded.clear()
     with gateway() as gw:
         assert gw.chat(user(image_url(data_url(PNG)), text("small"))).status_code == 200
-    assert offloaded == ["_encoded.<locals>.<lambda>"]  # small ones stay on the loop, but for the LLM's request
+    assert offloaded == [
+        "LLMClient._chat_request.<locals>.<lambda>"
+    ]  # small ones stay on the loop, but for the LLM's request

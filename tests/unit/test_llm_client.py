@@ -10,10 +10,11 @@ import socketserver
 import threading
 import time
 
+import httpx
 import pytest
 
 from hcxserve.gateway.llm_client import LLMClient
-from hcxserve.protocol.errors import UpstreamTimeoutError
+from hcxserve.protocol.errors import ServiceUnavailableError, UpstreamTimeoutError
 
 COMPLETION = {"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": []}
 
@@ -138,3 +139,33 @@ def test_unhealthy_when_nothing_listens():
             await client.aclose()
 
     assert asyncio.run(run()) is False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("failures, outcome", [(1, "answered"), (2, "503")])
+def test_a_connection_closed_before_any_response_is_sent_again_once(stream, failures, outcome):
+    """The server closing a pooled keep-alive connection as it is reused: the request never reached it."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content))
+        if len(calls) <= failures:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        if stream:
+            return httpx.Response(200, text=f"data: {json.dumps(COMPLETION)}\n\ndata: [DONE]\n\n")
+        return httpx.Response(200, json=COMPLETION)
+
+    client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(handler)))
+
+    async def run():
+        if stream:
+            return [event async for event in client.chat_stream({"n": 1})]
+        return await client.chat({"n": 1})
+
+    if outcome == "answered":
+        assert asyncio.run(run()) == ([COMPLETION] if stream else COMPLETION)
+        assert calls == [{"n": 1}] * 2
+    else:
+        with pytest.raises(ServiceUnavailableError, match="unreachable"):
+            asyncio.run(run())
+        assert len(calls) == 2  # once more, never a third time
