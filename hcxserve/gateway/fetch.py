@@ -13,7 +13,6 @@ has the whole of one request's fetching, with a bounded number of downloads in f
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import io
@@ -26,24 +25,14 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
+import pybase64
 
 from hcxserve.config import MediaConfig
 from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
 
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _DECODE_INLINE_CHARS = 256 << 10  # larger inline media is decoded off the event loop
-_DECODE_CHUNK_CHARS = 1 << 20  # a multiple of 4
-
-
-def _b64decode(text: str) -> bytes:
-    """Strict base64 decoding in 1-MiB pieces: binascii holds the GIL while it works, and one 27-MB call would
-    stall the event loop's thread for ~70 ms even from another thread."""
-    if len(text) <= _DECODE_CHUNK_CHARS:
-        return base64.b64decode(text, validate=True)
-    return b"".join(
-        base64.b64decode(text[i : i + _DECODE_CHUNK_CHARS], validate=True)
-        for i in range(0, len(text), _DECODE_CHUNK_CHARS)
-    )
+_MAX_DATA_URL_HEADER = 1024  # where a data: URL's comma must be (its media type and parameters come before it)
 
 
 # `is_global` is True for these, yet none of them is a public unicast host a client may point us at
@@ -142,7 +131,8 @@ class MediaFetcher:
         ref = ref.strip()
         limit = max_bytes or self.config.max_image_bytes
         try:
-            scheme = urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
+            # a data: URL is told by its prefix: urlsplit would scan (and copy) megabytes of it
+            scheme = "data" if ref[:5].lower() == "data:" else urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
         except ValueError:  # e.g. an unclosed IPv6 bracket
             raise MediaError(f"{param}: malformed URL", param=param) from None
         if scheme == "data":
@@ -173,10 +163,16 @@ class MediaFetcher:
             raise PayloadTooLargeError(f"{param}: media is {size} bytes, over the limit of {limit}", param=param)
 
     def _decode_base64(self, text: str, param: str, limit: int) -> bytes:
-        text = text.rstrip("=")
-        self._check_size(len(text) * 3 // 4, param, limit)  # the decoded size, known before decoding
+        tail = text[-3:]
+        padding = len(tail) - len(tail.rstrip("="))
+        self._check_size((len(text) - padding) * 3 // 4, param, limit)  # the decoded size, known before decoding
+        if len(text) % 4 or padding > 2 or padding == len(text):
+            # unpadded or over-padded base64 is accepted too; well-padded input is decoded as it is, without a copy
+            text = text.rstrip("=")
+            text += "=" * (-len(text) % 4)
         try:
-            data = _b64decode(text + "=" * (-len(text) % 4))
+            # pybase64 (SIMD, a vLLM dependency): ~40x faster than binascii, which would hold the GIL ~60 ms for 27 MB
+            data = pybase64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise MediaError(f"{param}: not a URL, data: URL or base64 data", param=param) from None
         if not data:
@@ -184,9 +180,10 @@ class MediaFetcher:
         return data
 
     def _decode_data_url(self, url: str, param: str, limit: int) -> bytes:
-        header, sep, payload = url[5:].partition(",")
-        if not sep:
+        comma = url.find(",", 5, _MAX_DATA_URL_HEADER)
+        if comma < 0:
             raise MediaError(f"{param}: malformed data: URL (no comma)", param=param)
+        header, payload = url[5:comma], url[comma + 1 :]
         if header.endswith(";base64"):
             return self._decode_base64(payload.strip(), param, limit)
         self._check_size(len(payload), param, limit)

@@ -345,6 +345,11 @@ def fetch_error(ref, **config):
         ("data:image/svg+xml,<svg a=1,b=2/>", b"<svg a=1,b=2/>"),  # commas in the payload
         ("data:image/png;base64," + base64.b64encode(b"\x89PNG").decode(), b"\x89PNG"),
         ("data:image/png;base64, " + base64.b64encode(b"\x89PNG").decode() + " ", b"\x89PNG"),
+        ("DATA:image/png;base64," + base64.b64encode(b"\x89PNG").decode(), b"\x89PNG"),  # schemes are case-blind
+        ("data:;base64,QUJD", b"ABC"),  # padded: decoded as it is
+        ("data:;base64,QUI", b"AB"),  # unpadded
+        ("data:;base64,QUI===", b"AB"),  # over-padded
+        ("data:;base64," + base64.b64encode(bytes(range(256)) * 4096).decode(), bytes(range(256)) * 4096),  # 1 MiB
     ],
 )
 def test_data_url_forms(url, data):
@@ -355,6 +360,7 @@ def test_data_url_forms(url, data):
     ("ref", "message"),
     [
         ("data:image/png;base64", "messages[0].content[0]: malformed data: URL (no comma)"),
+        ("data:image/png;" + "x" * 1100 + ";base64,QUJD", "messages[0].content[0]: malformed data: URL (no comma)"),
         ("data:text/plain,", "messages[0].content[0]: empty media"),
         ("data:image/png;base64,", "messages[0].content[0]: empty media"),
         ("====", "messages[0].content[0]: empty media"),
