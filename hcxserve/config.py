@@ -152,6 +152,13 @@ class LLMConfig(ComponentConfig):
     shutdown_timeout_s: int = Field(
         30, ge=0, description="On SIGTERM/SIGINT, how long vLLM finishes running requests before it aborts them."
     )
+    max_restarts: int = Field(
+        5,
+        ge=0,
+        description="Times vLLM is started again after dying within `restart_window_s` before the service "
+        "gives up (its liveness then fails and the platform restarts it); see hcxserve.llm.supervisor.",
+    )
+    restart_window_s: PositiveFloat = 600.0
 
     @model_validator(mode="after")
     def _gpus(self) -> LLMConfig:

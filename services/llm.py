@@ -1,4 +1,5 @@
-"""LLM component of a track: vLLM's OpenAI server for its HyperCLOVAX model, behind BentoML's reverse proxy.
+"""LLM component of a track: vLLM's OpenAI server for its HyperCLOVAX model, behind BentoML's reverse proxy,
+started again if it dies (`hcxserve.llm.supervisor`).
 
 The engine takes the encoders' precomputed embeddings (`image_embeds`, `audio_embeds` content parts), so token
 ids, prefix caching and `thinking_token_budget` work as for text.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import bentoml
 
 from hcxserve.config import TrackConfig
-from hcxserve.llm.args import vllm_server_command
+from hcxserve.llm.args import supervised_command
 
 
 def llm_service(track: TrackConfig) -> type:
@@ -28,6 +29,6 @@ def llm_service(track: TrackConfig) -> type:
     )
     class LLM:
         def __command__(self) -> list[str]:
-            return vllm_server_command(track)
+            return supervised_command(track)
 
     return LLM

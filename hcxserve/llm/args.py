@@ -64,3 +64,18 @@ def vllm_server_command(
     if llm.enforce_eager:
         cmd.append("--enforce-eager")
     return cmd + list(llm.extra_args)
+
+
+# BentoML's proxy kills the service's command 30 s after asking it to stop: vLLM's own leftovers must be gone first
+_PROXY_KILL_AFTER_S = 30
+
+
+def supervised_command(track: TrackConfig) -> list[str]:
+    """The LLM service's command: vLLM's server under `hcxserve.llm.supervisor`, which starts it again if it dies."""
+    llm = track.llm
+    grace = max(1, min(llm.shutdown_timeout_s + 2, _PROXY_KILL_AFTER_S - 3))
+    return [
+        sys.executable, "-m", "hcxserve.llm.supervisor",
+        "--max-restarts", str(llm.max_restarts), "--window", str(llm.restart_window_s), "--grace", str(grace),
+        "--", *vllm_server_command(track),
+    ]  # fmt: skip

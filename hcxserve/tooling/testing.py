@@ -135,6 +135,8 @@ class ServedProcess:
                 name, cmd = p.name(), " ".join(p.cmdline())
                 if "--service-name" in cmd:
                     name = "bentoml worker " + cmd.split("--service-name")[1].split()[0]
+                elif "hcxserve.llm.supervisor" in cmd:
+                    name = "vLLM supervisor"
                 elif "vllm.entrypoints" in cmd:
                     name = "vLLM API server"
                 key, n = name, 2
