@@ -1,0 +1,101 @@
+"""The Omni output parser: text, speech and image blocks recognised the same whichever way the stream splits them."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hcxserve.gateway.output_parser import ImageTokens, OmniOutputParser, SpeechEnd, SpeechStart, SpeechUnits, Text
+
+SPEECH = (
+    "<user_transcript>what is the weather</user_transcript>\n"
+    "<assistant_transcript>It is sunny <today>.</assistant_transcript>\n"
+    "<audio_decoder_call>\n"
+    '<speaker_info>{"is_ref_audio": true}</speaker_info>\n'
+    "<discrete_audio>\n"
+    "<|discrete_audio_start|><|audio1490|><|audio1950|><|audio0|><|audio6560|><|discrete_audio_end|>\n"
+    "</discrete_audio>\n"
+    "</audio_decoder_call>"
+)
+IMAGE = (
+    "Here you go: <|discrete_image_start|><|vision_ratio_4:3|>"
+    + "".join(f"<|vision{i}|>" for i in (5, 65535, 0))
+    + "<|discrete_image_end|>\nDone."
+)
+
+
+def parse(*deltas: str) -> list:
+    parser = OmniOutputParser()
+    events = [event for delta in deltas for event in parser.feed(delta)] + parser.finish()
+    return normalised(events)
+
+
+def normalised(events: list) -> list:
+    """Adjacent text and adjacent unit runs merged: how a stream was split does not matter."""
+    out: list = []
+    for event in events:
+        if out and type(event) is type(out[-1]) and isinstance(event, Text):
+            out[-1] = Text(out[-1].text + event.text)
+        elif out and type(event) is type(out[-1]) and isinstance(event, SpeechUnits):
+            out[-1] = SpeechUnits(out[-1].codes + event.codes)
+        else:
+            out.append(event)
+    return out
+
+
+def test_a_speech_block():
+    assert parse(SPEECH) == [
+        Text("It is sunny <today>."),
+        SpeechStart({"is_ref_audio": True}),
+        SpeechUnits([1490, 1950, 0, 6560]),
+        SpeechEnd(),
+    ]
+
+
+def test_an_image_block():
+    assert parse(IMAGE) == [Text("Here you go: "), ImageTokens("4:3", [5, 65535, 0]), Text("Done.")]
+
+
+def test_one_character_at_a_time():
+    assert parse(*SPEECH) == parse(SPEECH)
+    assert parse(*IMAGE) == parse(IMAGE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, len(SPEECH + IMAGE)), max_size=12))
+def test_any_split_of_the_stream_gives_the_same_events(cuts):
+    text = SPEECH + "\n" + IMAGE
+    bounds = [0, *sorted(cuts), len(text)]
+    assert parse(*(text[a:b] for a, b in zip(bounds, bounds[1:]))) == parse(text)
+
+
+def test_units_arrive_as_they_are_generated():
+    parser = OmniOutputParser()
+    assert parser.feed("<assistant_transcript>Hi</assistant_transcript><audio_decoder_call><discrete_audio>") == [
+        Text("Hi")
+    ]
+    assert parser.feed("<|discrete_audio_start|><|audio3|><|aud") == [SpeechStart({}), SpeechUnits([3])]
+    assert parser.feed("io4|>") == [SpeechUnits([4])]
+    assert parser.units == 2 and "".join(parser.transcript) == "Hi"
+
+
+def test_text_that_only_looks_like_a_marker_is_text():
+    assert parse("a < b and <b>bold</b> <|im_weird|> <speaker") == [Text("a < b and <b>bold</b> <|im_weird|> <speaker")]
+    parser = OmniOutputParser()
+    assert parser.feed("x <assis") == [Text("x ")]  # held back: it may become a tag
+    assert parser.finish() == [Text("<assis")]
+
+
+def test_units_without_their_start_marker_and_an_unterminated_image():
+    assert parse("ok <|audio1|><|audio2|>") == [Text("ok "), SpeechStart({}), SpeechUnits([1, 2]), SpeechEnd()]
+    assert parse("<|discrete_image_start|><|vision1|>") == [ImageTokens(None, [1], complete=False)]
+
+
+def test_speaker_info_that_is_not_a_json_object_counts_as_none():
+    for info in ("{not json", "[1, 2]", ""):
+        events = parse(f"<speaker_info>{info}</speaker_info><|discrete_audio_start|><|audio1|>")
+        assert events[0] == SpeechStart({})
+
+
+def test_vision_tokens_outside_an_image_block_are_dropped_not_shown():
+    assert parse("a<|vision3|>b<|vision_ratio_1:1|>c") == [Text("abc")]
