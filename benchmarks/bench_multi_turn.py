@@ -8,7 +8,8 @@
    prompt tokens vLLM's prefix cache served (`usage.prompt_tokens_details.cached_tokens`).
 2. Event loop: p50 latency of small text requests alone, then while `--uploaders` clients keep posting requests
    with a `--upload-mb` inline image (one picture, encoded once: what is left is the gateway's own work on the body:
-   reading, parsing, base64 decoding, hashing).
+   reading, parsing, base64 decoding, hashing, then a 1-token completion). The uploaders run in processes of their
+   own, so their sending does not slow the process that times the small requests.
 
     .venv/bin/python benchmarks/bench_multi_turn.py --out benchmarks/results/multi_turn.md
 """
@@ -20,6 +21,7 @@ import asyncio
 import base64
 import io
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -174,30 +176,42 @@ async def small_requests(client: httpx.AsyncClient, base: str, n: int) -> dict[s
     return {"chat": chat, "models": models}
 
 
+def upload_loop(url: str, content: bytes, stop, times) -> None:
+    """One uploader, in a process of its own: sending 27 MB is CPU work that must not run on the event loop (or
+    under the GIL) of the process timing the small requests."""
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=600) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                response = await client.post(url, content=content, headers={"content-type": "application/json"})
+                response.raise_for_status()
+                times.append(time.perf_counter() - start)
+
+    asyncio.run(run())
+
+
 async def event_loop(client: httpx.AsyncClient, base: str, args: argparse.Namespace) -> dict:
     url = f"{base}/v1/chat/completions"
     upload = body([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(noise_png(args.upload_mb), "image/png")}},
         {"type": "text", "text": "What is this?"}]}], 1)  # fmt: skip
-    # serialised once, here: the uploaders must not stall this process's event loop, which times the small requests
     content = json.dumps(upload).encode()
     await post(client, url, upload)  # encoded once; the uploads that follow hit the encoder cache
     alone = await small_requests(client, base, args.n)
-    stop, uploads = asyncio.Event(), []
-
-    async def uploader() -> None:
-        async with httpx.AsyncClient(timeout=600) as own:
-            while not stop.is_set():
-                start = time.perf_counter()
-                response = await own.post(url, content=content, headers={"content-type": "application/json"})
-                response.raise_for_status()
-                uploads.append(time.perf_counter() - start)
-
-    tasks = [asyncio.create_task(uploader()) for _ in range(args.uploaders)]
-    await asyncio.sleep(2.0)  # every uploader has a request in flight
-    loaded = await small_requests(client, base, args.n)
-    stop.set()
-    await asyncio.gather(*tasks)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        stop, uploads = manager.Event(), manager.list()
+        uploaders = [context.Process(target=upload_loop, args=(url, content, stop, uploads))
+                     for _ in range(args.uploaders)]  # fmt: skip
+        for process in uploaders:
+            process.start()
+        await asyncio.sleep(5.0)  # every uploader has started and has a request in flight
+        loaded = await small_requests(client, base, args.n)
+        stop.set()
+        for process in uploaders:
+            process.join()
+        uploads = list(uploads)
     return {"alone": alone, "loaded": loaded, "uploads": uploads, "upload_bytes": len(content)}
 
 
