@@ -269,3 +269,33 @@ def test_concurrent_requests_are_batched_without_mixing_them_up(client):
     assert [tokens for tokens, _ in together] == [tokens for tokens, _ in alone]
     # greedy answers match; batched float sums may differ in the last bits, so one flipped token is tolerated
     assert sum(a == b for (_, a), (_, b) in zip(together, alone)) >= 7
+
+
+def test_the_llm_is_held_to_the_speech_and_image_formats_when_asked(server):
+    """The output-format logits processor (hcxserve.llm.media_format) loaded by the bento's track B engine: the
+    embedded LLM never learned either format, yet what it writes parses as a speech block within the asked bounds,
+    and as an image block with a known ratio and exactly 729 codes; bad bounds are a 400 from the API server."""
+    from hcxserve.gateway.output_parser import ImageTokens, OmniOutputParser, SpeechEnd, SpeechStart, SpeechUnits
+    from hcxserve.llm.media_format import IMAGE_RATIOS
+
+    llm = f"{server.llm_urls['b']}/v1/chat/completions"
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "temperature": 0,
+            "skip_special_tokens": False, **NO_REASONING}  # fmt: skip
+
+    def events(xargs: dict, max_tokens: int) -> list:
+        response = httpx.post(llm, json={**base, "max_tokens": max_tokens, "vllm_xargs": xargs}, timeout=300)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"  # the format ended the turn, not max_tokens
+        parser = OmniOutputParser()
+        return parser.feed(choice["message"]["content"]) + parser.finish()
+
+    speech = events({"hcx_output": "speech", "hcx_min_units": 6, "hcx_max_units": 12, "hcx_max_text_tokens": 5}, 64)
+    assert [type(e) for e in speech if not isinstance(e, SpeechUnits)][-2:] == [SpeechStart, SpeechEnd]
+    units = [code for e in speech if isinstance(e, SpeechUnits) for code in e.codes]
+    assert 6 <= len(units) <= 12 and all(0 <= u < 6561 for u in units)
+    (image,) = events({"hcx_output": "image"}, 800)
+    assert isinstance(image, ImageTokens) and image.complete
+    assert image.ratio in IMAGE_RATIOS and len(image.codes) == 729
+    refused = httpx.post(llm, json={**base, "vllm_xargs": {"hcx_output": "speech", "hcx_max_units": 0}}, timeout=60)
+    assert refused.status_code == 400 and "hcx_max_units" in refused.json()["error"]["message"]
