@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_encoders import machine, publish  # noqa: E402
-from hcxserve.config import load_track  # noqa: E402
 from hcxserve.tooling.testing import serve_bento  # noqa: E402
 
 MODEL = "track_b_model"
@@ -186,17 +185,18 @@ def upload_loop(url: str, content: bytes, status: int, stop, times) -> None:
             while not stop.is_set():
                 start = time.perf_counter()
                 response = await client.post(url, content=content, headers={"content-type": "application/json"})
-                assert response.status_code == status, response.text
+                if response.status_code != status:
+                    raise SystemExit(f"an upload got {response.status_code}, not {status}: {response.text[:300]}")
                 times.append(time.perf_counter() - start)
 
     asyncio.run(upload())
 
 
-# (label, max_tokens for a context length, expected status) of the uploads: answered with one token; or refused by
-# vLLM before any compute (prompt + max_tokens over the context), so that what is left is the gateway's own work
+# (label, generation bounds, expected status) of the uploads: answered with one token; or refused by vLLM's request
+# validation (min_tokens above max_tokens) before any prefill, so that what is left is the gateway's own work
 UPLOAD_MODES = (
-    ("answered (1-token completion)", lambda context: 1, 200),
-    ("refused by vLLM before any compute", lambda context: context, 400),
+    ("answered (1-token completion)", {"max_tokens": 1, "min_tokens": 1}, 200),
+    ("refused by vLLM before any compute", {"max_tokens": 1, "min_tokens": 2}, 400),
 )
 
 
@@ -205,13 +205,11 @@ async def event_loop(client: httpx.AsyncClient, base: str, args: argparse.Namesp
     image = data_url(noise_png(args.upload_mb), "image/png")
     parts = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What is this?"}]
     await post(client, url, body([{"role": "user", "content": parts}], 1))  # encoded once: later uploads hit the cache
-    context_length = load_track("b", profile="embedded").llm.max_model_len
     alone = await small_requests(client, base, args.n)
     modes = {}
     spawn = multiprocessing.get_context("spawn")
-    for label, max_tokens, status in UPLOAD_MODES:
-        upload = {**body([{"role": "user", "content": parts}], 1), "max_tokens": max_tokens(context_length)}
-        del upload["min_tokens"]
+    for label, bounds, status in UPLOAD_MODES:
+        upload = {**body([{"role": "user", "content": parts}], 1), **bounds}
         content = json.dumps(upload).encode()
         with spawn.Manager() as manager:
             stop, uploads = manager.Event(), manager.list()
