@@ -30,9 +30,9 @@ model: setup
 $(MODEL_A)/manifest.json: $(UNIFIED_A)/.hcx-embedded.json
 	$(PY) convert_model.py --input $(UNIFIED_A) --output $(MODEL_A) --track a --verify --force
 
-# The embedded track B checkpoint has no decoders (decoder/vision, decoder/audio) yet: vd/ and ad/ are left out.
+# All five components: llm/ ve/ ae/, plus vd/ (decoder/vision) and ad/ (decoder/audio's archives, unpacked).
 $(MODEL_B)/manifest.json: $(UNIFIED_B)/.hcx-embedded.json
-	$(PY) convert_model.py --input $(UNIFIED_B) --output $(MODEL_B) --track b --components llm ve ae --verify --force
+	$(PY) convert_model.py --input $(UNIFIED_B) --output $(MODEL_B) --track b --verify --force
 
 serve: model
 	bash scripts/serve.sh bentos.$(BENTO_$(TRACK)):Gateway --port $(PORT)

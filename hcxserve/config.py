@@ -70,8 +70,8 @@ class ComponentConfig(_Section):
         return {"gpu": gpus, **({"gpu_type": self.gpu_type} if self.gpu_type else {})}
 
 
-class EncoderConfig(ComponentConfig):
-    """A batched torch encoder service (vision or audio)."""
+class TorchComponentConfig(ComponentConfig):
+    """A batched torch model service (an encoder or a decoder)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -81,6 +81,11 @@ class EncoderConfig(ComponentConfig):
         10000, description="BentoML answers 503 to calls it cannot finish within this; the batching window is learned."
     )
     threads: PositiveInt | None = Field(None, description="torch intra-op threads on CPU (None: torch default).")
+
+
+class EncoderConfig(TorchComponentConfig):
+    """A batched torch encoder service (vision or audio)."""
+
     cache_bytes: int = Field(
         1 << 30,
         ge=0,
@@ -101,15 +106,43 @@ class AudioEncoderConfig(EncoderConfig):
     folder: str = "ae"
 
 
+class AudioDecoderConfig(TorchComponentConfig):
+    """Track B's unit vocoder (BigVGAN), reading `ad/finetuned` (named voices) and `ad/zeroshot` (a reference clip's
+    voice)."""
+
+    folder: str = "ad"
+    default_voice: str = Field("fkms", description="The finetuned speaker used when a request names none.")
+    max_units: PositiveInt = Field(2000, description="Most units one request may have decoded (80 s at 25 units/s).")
+    max_reference_seconds: PositiveFloat = Field(30.0, description="Longest reference clip for a zero-shot voice.")
+
+
+class VisionDecoderConfig(TorchComponentConfig):
+    """Track B's image decoder (token embedder + DiT + VAE), reading `vd/`."""
+
+    folder: str = "vd"
+    steps: PositiveInt = Field(50, description="Denoising steps when a request names none.")
+    max_steps: PositiveInt = 200
+    guidance_scale: float = Field(0.75, ge=0, le=10, description="Autoguidance scale when a request names none.")
+
+
 class ComponentsConfig(_Section):
-    """The components that encode a track's media, each its own service (and GPU in production)."""
+    """The components that encode a track's media and decode what its LLM draws, each its own service (and GPU in
+    production)."""
 
     vision_encoder: VisionEncoderConfig | None = None
     audio_encoder: AudioEncoderConfig | None = None
+    audio_decoder: AudioDecoderConfig | None = None
+    vision_decoder: VisionDecoderConfig | None = None
 
 
 # a component kind's part of its service's name (`TrackConfig.service_name`)
-SERVICE_NAMES = {"llm": "LLM", "vision_encoder": "VisionEncoder", "audio_encoder": "AudioEncoder"}
+SERVICE_NAMES = {
+    "llm": "LLM",
+    "vision_encoder": "VisionEncoder",
+    "audio_encoder": "AudioEncoder",
+    "audio_decoder": "AudioDecoder",
+    "vision_decoder": "VisionDecoder",
+}
 
 # which component encodes each modality
 MODALITY_COMPONENT: dict[str, str] = {"image": "vision_encoder", "video": "vision_encoder", "audio": "audio_encoder"}
@@ -273,9 +306,13 @@ class TrackConfig(_Section):
         p = Path(path)
         return p if p.is_absolute() else PROJECT_ROOT / p
 
+    def components_by_kind(self) -> dict[str, TorchComponentConfig]:
+        """Every configured component but the LLM, by kind (`vision_encoder`, ..., `vision_decoder`)."""
+        return {kind: cfg for kind in ComponentsConfig.model_fields if (cfg := getattr(self.components, kind))}
+
     def encoders(self) -> dict[str, EncoderConfig]:
         """The configured encoder components by kind (`vision_encoder`, `audio_encoder`)."""
-        return {kind: cfg for kind in ComponentsConfig.model_fields if (cfg := getattr(self.components, kind))}
+        return {kind: cfg for kind, cfg in self.components_by_kind().items() if isinstance(cfg, EncoderConfig)}
 
 
 class RequestLimits(_Section):

@@ -18,19 +18,26 @@ from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.serving import ChatCompletionServing
 from hcxserve.models.vision_spec import VisionTowerSpec
+from services.audio_decoder import audio_decoder_service
 from services.audio_encoder import audio_encoder_service
 from services.dependencies import call_dependency, dependency_ready
 from services.llm import llm_service
+from services.vision_decoder import vision_decoder_service
 from services.vision_encoder import vision_encoder_service
 
 # component kind -> the factory of its service (a track's config says which kinds it has)
-COMPONENT_SERVICES = {"vision_encoder": vision_encoder_service, "audio_encoder": audio_encoder_service}
+COMPONENT_SERVICES = {
+    "vision_encoder": vision_encoder_service,
+    "audio_encoder": audio_encoder_service,
+    "audio_decoder": audio_decoder_service,
+    "vision_decoder": vision_decoder_service,
+}
 
 
 def track_services(track: TrackConfig) -> dict[str, type]:
     """The component services of one track, by kind."""
     services = {"llm": llm_service(track)}
-    for kind in track.encoders():
+    for kind in track.components_by_kind():
         services[kind] = COMPONENT_SERVICES[kind](track)
     return services
 
@@ -63,7 +70,7 @@ class _Gateway:
             llm = LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=track.llm.timeout_s)
             probes = {
                 track.service_name(kind): self._readiness(f"{track.track}_{kind}")
-                for kind in track.encoders()
+                for kind in track.components_by_kind()
             }
             self.servings[track.track] = ChatCompletionServing(
                 track, self.deployment.gateway, llm=llm, media=media, probes=probes

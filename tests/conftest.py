@@ -17,6 +17,17 @@ EMBEDDED_TRACK_A = PROJECT_ROOT / "models" / "embedded" / "track_a"
 EMBEDDED_TRACK_B = PROJECT_ROOT / "models" / "embedded" / "track_b"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread, and a loaded machine makes more threads far slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def track_a_model_dir() -> Path:
     if not (EMBEDDED_TRACK_A / "manifest.json").exists():

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from .audio_decoder import write_vocoders
 from .checkpoint import load_checkpoint
 from .errors import ConvertError, OutputExistsError
 from .plan import (
@@ -22,7 +23,7 @@ from .plan import (
     parse_size,
     resolve_components,
 )
-from .safetensors_io import write_shard
+from .safetensors_io import count_tensors, write_shard
 from .tables import DTYPE_CHOICES, MANIFEST_FORMAT, MANIFEST_NAME, WEIGHTS_INDEX
 from .verify import verify_output
 
@@ -132,9 +133,14 @@ def _write_atomically(plan: ConversionPlan, output: Path, *, verify: bool, progr
     try:
         with _progress_bar(plan.total_bytes, "convert", progress) as bar:
             for name, component in plan.components.items():
-                log.info(
-                    "writing %s/ (%d tensors in %d shard(s))", name, len(component.tensors), len(component.shards)
-                )
+                if component.vocoders:
+                    log.info("writing %s/ (%s)", name, _vocoder_summary(component))
+                elif component.copy_tree is not None:
+                    log.info("writing %s/ (a copy of %s/)", name, component.copy_tree.relative_to(plan.ckpt.root))
+                else:
+                    log.info(
+                        "writing %s/ (%d tensors in %d shard(s))", name, len(component.tensors), len(component.shards)
+                    )
                 _write_component(plan, component, partial / name, bar.update)
         manifest = build_manifest(plan, partial)
         write_json(partial / MANIFEST_NAME, manifest)  # last: a folder with a manifest is complete
@@ -148,6 +154,9 @@ def _write_atomically(plan: ConversionPlan, output: Path, *, verify: bool, progr
 
 
 def _write_component(plan: ConversionPlan, component: ComponentPlan, dst: Path, on_bytes) -> None:
+    if component.vocoders:
+        write_vocoders(component.vocoders, dst, on_bytes)
+        return
     if component.copy_tree is not None:
         shutil.copytree(component.copy_tree, dst)
         on_bytes(component.tree_bytes)
@@ -231,8 +240,13 @@ def build_manifest(plan: ConversionPlan, root: Path) -> dict:
     for name, component in plan.components.items():
         base = root / name
         files = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
-        size = component.tree_bytes if component.copy_tree is not None else component.tensor_bytes
-        components[name] = {"tensors": len(component.tensors), "bytes": size, "files": files}
+        if component.vocoders:  # what the archives held is known only once they are unpacked
+            tensors, size = count_tensors(base), sum((base / f).stat().st_size for f in files)
+        elif component.copy_tree is not None:
+            tensors, size = count_tensors(base), component.tree_bytes
+        else:
+            tensors, size = len(component.tensors), component.tensor_bytes
+        components[name] = {"tensors": tensors, "bytes": size, "files": files}
     return {
         "format": MANIFEST_FORMAT,
         "track": plan.options.track,
@@ -277,6 +291,9 @@ def format_plan(result: ConvertResult) -> str:
         f"{'component':<10}{'tensors':>9}{'bytes':>12}{'shards':>8}  files copied",
     ]
     for name, c in plan.components.items():
+        if c.vocoders:
+            lines.append(f"{name:<10}{'-':>9}{human(c.tree_bytes):>12}{'-':>8}  {_vocoder_summary(c)}")
+            continue
         if c.copy_tree is not None:
             lines.append(
                 f"{name:<10}{'-':>9}{human(c.tree_bytes):>12}{'-':>8}  "
@@ -291,6 +308,10 @@ def format_plan(result: ConvertResult) -> str:
         f"{'total':<10}{sum(len(c.tensors) for c in plan.components.values()):>9}{human(plan.total_bytes):>12}"
     )
     return "\n".join(lines)
+
+
+def _vocoder_summary(component: ComponentPlan) -> str:
+    return ", ".join(f"{v.label} -> {v.variant}/" for v in component.vocoders)
 
 
 def human(n: int) -> str:

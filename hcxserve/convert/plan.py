@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .audio_decoder import VocoderSource, plan_vocoders
 from .checkpoint import Checkpoint, read_json
 from .errors import CheckpointError, ConvertError, few
 from .safetensors_io import OutTensor, output_dtype, pack_shards
@@ -65,7 +66,8 @@ class ComponentPlan:
     config: dict | None = None
     copy_files: list[str] = field(default_factory=list)  # relative to the input root, copied under the same name
     generated: dict[str, dict] = field(default_factory=dict)  # file name -> JSON written
-    copy_tree: Path | None = None  # decoders: a whole folder copied as-is
+    copy_tree: Path | None = None  # vd/: a whole folder copied as-is
+    vocoders: list[VocoderSource] = field(default_factory=list)  # ad/: one unpacked folder per variant
 
     @property
     def tensor_bytes(self) -> int:
@@ -73,6 +75,9 @@ class ComponentPlan:
 
     @property
     def tree_bytes(self) -> int:
+        """Bytes a decoder folder takes: the copied tree, or the members the vocoder folders are made from."""
+        if self.vocoders:
+            return sum(v.nbytes for v in self.vocoders)
         if self.copy_tree is None:
             return 0
         return sum(p.stat().st_size for p in self.copy_tree.rglob("*") if p.is_file())
@@ -139,7 +144,9 @@ def build_plan(ckpt: Checkpoint, options: Options) -> ConversionPlan:
     plans = {}
     for component in options.components:
         plan = ComponentPlan(component)
-        if component in DECODER_DIRS:
+        if component == "ad":
+            plan.vocoders = plan_vocoders(_decoder_dir(ckpt, component), DECODER_DIRS[component])
+        elif component in DECODER_DIRS:
             plan.copy_tree = _decoder_dir(ckpt, component)
         else:
             plan.tensors = sorted(by_component.get(component, []), key=lambda t: t.name)
@@ -192,9 +199,7 @@ def _assign_roles(ckpt: Checkpoint, track: str) -> dict[str, str]:
             f"(this looks like a track {other} checkpoint: use --track {other})"
         )
     if unknown:
-        raise CheckpointError(
-            f"{len(unknown)} tensor(s) with an unrecognised prefix for track {track}: {few(unknown)}"
-        )
+        raise CheckpointError(f"{len(unknown)} tensor(s) with an unrecognised prefix for track {track}: {few(unknown)}")
     _check_required(roles, track)
     _check_projector(roles)
     return roles
@@ -208,9 +213,7 @@ def _check_required(roles: dict[str, str], track: str) -> None:
     prefixes = [p for r in missing for p, role in ROLE_PREFIXES.items() if role == r and p not in PROJECTOR_PREFIXES]
     if "projector" in missing:
         prefixes.append(" or ".join(p + "*" for p in PROJECTOR_PREFIXES))
-    hint = (
-        " (this looks like a track a checkpoint: use --track a)" if track == "b" and "audio_model" in missing else ""
-    )
+    hint = " (this looks like a track a checkpoint: use --track a)" if track == "b" and "audio_model" in missing else ""
     raise CheckpointError(f"missing required tensors for track {track}: {', '.join(_star(p) for p in prefixes)}{hint}")
 
 

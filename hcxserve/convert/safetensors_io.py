@@ -103,6 +103,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def count_tensors(folder: Path) -> int:
+    """Tensors in every safetensors file under `folder` (headers only): the manifest's count for the decoders."""
+    return sum(len(read_header(f)) for f in sorted(folder.rglob("*.safetensors")))
+
+
 def _parse_entry(path: Path, key: str, entry: object, base: int) -> TensorInfo:
     try:
         dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]  # type: ignore[index]

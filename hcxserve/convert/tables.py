@@ -102,8 +102,23 @@ COPY_FILES: dict[str, tuple[str, ...]] = {
     "ve": ("preprocessor_config.json", "video_preprocessor_config.json"),
     "ae": (),
 }
-# Folders copied as-is for the decoders (track b).
+# The decoders' input folders (track b): vd/ is a copy of decoder/vision/; ad/ is unpacked from decoder/audio/.
 DECODER_DIRS: dict[str, str] = {"vd": "decoder/vision", "ad": "decoder/audio"}
+# ad/: one folder per unit-vocoder variant (config.json `finetune` true / false). decoder/audio/ holds either
+# OmniServe's TorchServe archives or these variant folders already unpacked.
+AUDIO_DECODER_VARIANTS: tuple[str, ...] = ("finetuned", "zeroshot")
+AUDIO_DECODER_ARCHIVES: dict[str, str] = {
+    "NCCosybigvganDecoder.mar": "finetuned",
+    "NCZSCosybigvganDecoder.mar": "zeroshot",
+}  # the released names; any other *.mar is placed by its config
+ARCHIVE_SUFFIX = ".mar"
+ARCHIVE_MANIFEST = "MAR-INF/MANIFEST.json"  # TorchServe's; its model.serializedFile names the generator checkpoint
+SPEAKER_LIST = "spk_list.txt"
+# Without a manifest naming it, the generator checkpoint is the one file (by base name) with one of these suffixes,
+# BigVGAN's training name g_<step>, or a name starting with "generator".
+TORCH_CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".ckpt")
+TRAINING_CHECKPOINT_PATTERN = r"g_\d+"
+GENERATOR_PREFIX = "generator"
 
 # An input file that already is the audio feature-extractor config, used instead of the generated one.
 # The top-level preprocessor_config.json is normally the image processor; it is used only when it is a Whisper one.

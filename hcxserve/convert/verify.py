@@ -2,15 +2,19 @@
 
 Deliberately independent of the writer: names, shapes and dtypes come from the output files as safetensors reads
 them, content is compared byte for byte with the input tensor read through safetensors and cast with torch.
+ad/, unpacked from archives rather than split from shards, is checked by `audio_decoder.verify_vocoders`: its files,
+their bytes against the archives', and a fit to the audio decoder.
 """
 
 from __future__ import annotations
 
 import filecmp
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .audio_decoder import verify_vocoders
 from .errors import ComponentError, VerifyError, few
 from .loader import weight_map
 from .plan import ComponentPlan, ConversionPlan
@@ -29,6 +33,12 @@ def verify_output(plan: ConversionPlan, out_root: Path, on_bytes: Callable[[int]
 def _verify_components(plan: ConversionPlan, out_root: Path, on_bytes: Callable[[int], object]) -> None:
     for name, component in plan.components.items():
         target = out_root / name
+        if component.vocoders:
+            # Archived checkpoints are extracted again for the comparison: next to the output, never inside it.
+            with tempfile.TemporaryDirectory(prefix=f".{out_root.name}.verify-", dir=out_root.parent) as scratch:
+                verify_vocoders(component.vocoders, target, Path(scratch))
+            on_bytes(component.tree_bytes)
+            continue
         if component.copy_tree is not None:
             _verify_tree(component.copy_tree, target)
             on_bytes(component.tree_bytes)

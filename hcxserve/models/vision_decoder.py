@@ -325,7 +325,7 @@ class VisionDecoder:
             raise VisionDecoderInputError(f"steps must be a positive integer, not {steps!r}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise VisionDecoderInputError(f"guidance_scale must be a finite number >= 0, not {guidance_scale!r}")
-        codes = [self._check_codes(tokens, i) for i, tokens in enumerate(token_batches)]
+        codes = [self.check_codes(tokens, i) for i, tokens in enumerate(token_batches)]
         checked_sizes = [self._check_size(size, i) for i, size in enumerate(sizes)]
         for seed in seeds:
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
@@ -353,7 +353,7 @@ class VisionDecoder:
                     images[i] = image
         return images
 
-    def _check_codes(self, tokens: Sequence[int], index: int) -> torch.Tensor:
+    def check_codes(self, tokens: Sequence[int], index: int) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor | np.ndarray):
             tokens = tokens.tolist()
         if len(tokens) < self.token_count:

@@ -85,3 +85,44 @@ class AudioEncoding(BaseModel):
     embedding: AudioEmbedding | None = None
     error: str | None = None
     status: int = 400
+
+
+class SpeechRequest(BaseModel):
+    """Units to speak, and whose voice: a named speaker of the finetuned vocoder, or (zero-shot) the voice of a
+    reference clip (any container; the decoder decodes it)."""
+
+    units: list[int] = Field(repr=False)
+    voice: str | None = None
+    reference: bytes | None = Field(None, repr=False)
+    format: str = "wav"
+
+
+class SpeechAudio(BaseModel):
+    """The spoken units as a file in the requested format (pcm16: raw little-endian samples), or why not."""
+
+    data: bytes | None = Field(None, repr=False)
+    sample_rate: int = 24000
+    samples: int = 0
+    error: str | None = None
+    status: int = 400
+
+
+class ImageRequest(BaseModel):
+    """An image the LLM drew: its ratio (`W:H`) and its 729 codes; sampling options (None: the deployment's)."""
+
+    ratio: str
+    codes: list[int] = Field(repr=False)
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+class GeneratedImage(BaseModel):
+    """A PNG, or why the request was refused."""
+
+    png: bytes | None = Field(None, repr=False)
+    width: int = 0
+    height: int = 0
+    seed: int | None = None
+    error: str | None = None
+    status: int = 400

@@ -257,6 +257,13 @@ class FakeWeb:
         return MediaFetcher(media_config, client=client, resolver=self.resolve)
 
 
+@dataclass
+class FakeComponent:
+    """A component the gateway only probes."""
+
+    ready: bool = True
+
+
 def fakes_ready(fake):
     async def probe() -> bool:
         return fake.ready
@@ -386,7 +393,10 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
             track=config.track, caches=(caches := track_caches(config)),
         )  # fmt: skip
         llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
-        probes = {config.service_name(kind): fakes_ready(components[kind]) for kind in config.encoders()}
+        # every component answers its probe (the decoders' fakes are always ready: nothing calls them here yet)
+        decoders = {kind: FakeComponent() for kind in config.components_by_kind() if kind not in components}
+        probes = {config.service_name(kind): fakes_ready({**components, **decoders}[kind])
+                  for kind in config.components_by_kind()}  # fmt: skip
         servings[config.track] = ChatCompletionServing(
             config, deployment.gateway, llm=llm_client, media=media, probes=probes
         )

@@ -188,7 +188,8 @@ def test_health_reports_each_track():
         "status": "unavailable",
         "tracks": {"a": "ok", "b": "unavailable"},
         "components": {"TrackA-LLM": "ok", "TrackA-VisionEncoder": "ok", "TrackB-LLM": "unavailable",
-                       "TrackB-VisionEncoder": "ok", "TrackB-AudioEncoder": "ok"},
+                       "TrackB-VisionEncoder": "ok", "TrackB-AudioEncoder": "ok", "TrackB-AudioDecoder": "ok",
+                       "TrackB-VisionDecoder": "ok"},
     }  # fmt: skip
 
 

@@ -20,7 +20,8 @@ SAME_INPUT = 1e-3  # nats
 CONTENT_CHANGE = 1e-2  # nats
 
 
-COMPONENTS = ("TrackA-LLM", "TrackA-VisionEncoder", "TrackB-LLM", "TrackB-VisionEncoder", "TrackB-AudioEncoder")
+COMPONENTS = ("TrackA-LLM", "TrackA-VisionEncoder", "TrackB-LLM", "TrackB-VisionEncoder", "TrackB-AudioEncoder",
+              "TrackB-AudioDecoder", "TrackB-VisionDecoder")  # fmt: skip
 HEALTHY = {"status": "ok", "tracks": {"a": "ok", "b": "ok"}, "components": dict.fromkeys(COMPONENTS, "ok")}
 
 # the served bento requires this key (tests/e2e/conftest.py sets it)

@@ -21,11 +21,16 @@ LLM_GPUS = {"TrackA-LLM": 2, "TrackB-LLM": 1}  # 32B in bf16 on two 80 GB cards;
 BENTOS = {
     "hcx": (
         "bentos/combined.py",
-        ["TrackA-LLM", "TrackA-VisionEncoder", "TrackB-AudioEncoder", "TrackB-LLM", "TrackB-VisionEncoder"],
+        ["TrackA-LLM", "TrackA-VisionEncoder", "TrackB-AudioDecoder", "TrackB-AudioEncoder", "TrackB-LLM",
+         "TrackB-VisionDecoder", "TrackB-VisionEncoder"],
         ["/a/v1", "/b/v1"],
     ),
     "hcx-track-a": ("bentos/track_a.py", ["TrackA-LLM", "TrackA-VisionEncoder"], ["/a/v1"]),
-    "hcx-track-b": ("bentos/track_b.py", ["TrackB-AudioEncoder", "TrackB-LLM", "TrackB-VisionEncoder"], ["/b/v1"]),
+    "hcx-track-b": (
+        "bentos/track_b.py",
+        ["TrackB-AudioDecoder", "TrackB-AudioEncoder", "TrackB-LLM", "TrackB-VisionDecoder", "TrackB-VisionEncoder"],
+        ["/b/v1"],
+    ),
 }  # fmt: skip
 
 

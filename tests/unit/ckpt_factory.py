@@ -2,13 +2,17 @@
 
 The LLM, ViT and audio-encoder tensors come from real (tiny, random) transformers modules, so converted folders
 can be proven loadable with `load_state_dict(strict=True)`; the custom Omni parts (TA-Tok, CosyVoice, MambaMia)
-get a few random tensors with plausible names, including integer and bool ones.
+get a few random tensors with plausible names, including integer and bool ones. The decoders are real and tiny:
+`decoder/vision/` a seeded diffusers-layout vision decoder, `decoder/audio/` OmniServe's two TorchServe archives
+holding seeded unit vocoders (both built once per session and copied into each checkpoint).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +37,27 @@ SIDE_FILES: dict[str, str] = {
     "processor_config.json": '{"processor_class": "HyperCLOVAXVisionV2Processor"}',
     "video_preprocessor_config.json": '{"video_processor_type": "Qwen2VLVideoProcessor"}',
 }
-DECODER_FILES: dict[str, bytes] = {
-    "decoder/vision/model_index.json": b'{"_class_name": "OmniVisionDecoderPipeline"}',
-    "decoder/vision/vae/config.json": b'{"latent_channels": 16}',
-    "decoder/vision/transformer/diffusion_pytorch_model.safetensors": bytes(range(256)) * 4,
-    "decoder/audio/NCCosybigvganDecoder.mar": b"PK\x03\x04mar-finetuned" * 10,
-    "decoder/audio/NCZSCosybigvganDecoder.mar": b"PK\x03\x04mar-zeroshot" * 10,
+# Unit vocoders far smaller than the embedded ones (50 units), each variant with its own config keys.
+VOCODER: dict = {
+    "num_units": 50,
+    "unit_emb_dim": 8,
+    "spk_emb_dim": 6,
+    "upsample_rates": [10, 8, 12],
+    "upsample_kernel_sizes": [20, 16, 24],
+    "upsample_initial_channel": 16,
+    "resblock": "1",
+    "resblock_kernel_sizes": [3],
+    "resblock_dilation_sizes": [[1]],
+    "activation": "snakebeta",
+    "snake_logscale": True,
 }
+FINETUNED_VOCODER: dict = {**VOCODER, "finetune": True, "num_spk": 4}
+ZERO_SHOT_VOCODER: dict = {
+    **VOCODER, "finetune": False, "num_mels": 20, "spk_hidden_dim": 16, "n_fft": 256, "hop_size": 64, "win_size": 256,
+}  # fmt: skip
+SPEAKERS = ("fkms", "mhwj", "fphj", "mphw")
+FINETUNED_ARCHIVE = "NCCosybigvganDecoder.mar"
+ZERO_SHOT_ARCHIVE = "NCZSCosybigvganDecoder.mar"
 
 
 @dataclass
@@ -172,10 +190,35 @@ def write_checkpoint(
         for name, text in SIDE_FILES.items():
             (root / name).write_text(text)
     if decoders:
-        for rel, data in DECODER_FILES.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
+        shutil.copytree(decoder_folders(), root / "decoder")
     return names
+
+
+def write_vocoder_archive(path: Path, h: dict, *, seed: int = 0, **kwargs) -> Path:
+    """A `.mar` as OmniServe ships it: config.json, {"generator": seeded weights under the original's names} and,
+    for the finetuned variant, spk_list.txt (keyword arguments go to `write_archive`)."""
+    from hcxserve.tooling.embedded.unit_vocoder import original_state_dict, write_archive
+
+    if h["finetune"]:
+        kwargs.setdefault("speakers", SPEAKERS)
+    return write_archive(path, h, original_state_dict(h, seed=seed), **kwargs)
+
+
+@functools.cache
+def decoder_folders() -> Path:
+    """`decoder/` with `vision/` (a tiny vision decoder) and `audio/` (both archives); built once per session."""
+    from hcxserve.tooling.embedded.vision_decoder import write_tiny_folder
+
+    root = Path(_session_dir().name) / "decoder"
+    write_tiny_folder(root / "vision", seed=0)
+    write_vocoder_archive(root / "audio" / FINETUNED_ARCHIVE, FINETUNED_VOCODER, seed=0)
+    write_vocoder_archive(root / "audio" / ZERO_SHOT_ARCHIVE, ZERO_SHOT_VOCODER, seed=1)
+    return root
+
+
+@functools.cache
+def _session_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="hcx-ckpt-factory-")  # kept by the cache; removed at interpreter exit
 
 
 def make_checkpoint(

@@ -51,6 +51,7 @@ def test_track_b_serves_the_omni_class_with_audio():
     assert option(cmd, "--chat-template").endswith("track_b.jinja")
     assert track.llm.reasoning_by_default and track.routes == ["/b/v1"]
     assert set(track.encoders()) == {"vision_encoder", "audio_encoder"}
+    assert set(track.components_by_kind()) == {"vision_encoder", "audio_encoder", "audio_decoder", "vision_decoder"}
 
 
 def test_the_environment_overrides_files_and_profiles(monkeypatch):
@@ -69,8 +70,9 @@ def test_profiles_compose_in_order():
     deployment = load_deployment(["a", "b"], profile="embedded,single_gpu")
     a, b = deployment.tracks["a"], deployment.tracks["b"]
     assert a.llm.dtype == "float32"  # embedded
-    shares = [a.llm.gpus, a.components.vision_encoder.gpus, b.llm.gpus, *(c.gpus for c in b.encoders().values())]
-    assert shares == [0.125] * 5  # single_gpu: five equal shares of one GPU
+    components = [c.gpus for c in b.components_by_kind().values()]
+    shares = [a.llm.gpus, a.components.vision_encoder.gpus, b.llm.gpus, *components]
+    assert shares == [0.125] * 7  # single_gpu: seven equal shares of one GPU
     assert a.llm.resources()["gpu"] == 0.125 and a.llm.tensor_parallel_size == 1
     assert a.llm.gpu_memory_utilization + b.llm.gpu_memory_utilization <= 0.85  # room left for the encoders
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,12 +15,26 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the factory sits next to this file
-from ckpt_factory import IMAGE_TOKEN_ID, TEXT_HIDDEN, VIT_OUT, FakeCheckpoint, make_checkpoint  # noqa: E402
+from ckpt_factory import (  # noqa: E402
+    FINETUNED_ARCHIVE,
+    FINETUNED_VOCODER,
+    IMAGE_TOKEN_ID,
+    SPEAKERS,
+    TEXT_HIDDEN,
+    VIT_OUT,
+    ZERO_SHOT_ARCHIVE,
+    FakeCheckpoint,
+    make_checkpoint,
+)
 
 import convert_model  # noqa: E402
 from hcxserve import convert as hc  # noqa: E402
 from hcxserve.convert import safetensors_io  # noqa: E402
 
+AD_LAYOUT = [
+    "finetuned", "finetuned/config.json", "finetuned/model.safetensors", "finetuned/spk_list.txt",
+    "zeroshot", "zeroshot/config.json", "zeroshot/model.safetensors",
+]  # fmt: skip
 LLM_FILES = {
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
@@ -173,13 +189,11 @@ def test_track_b_layout_content_and_renames(omni: FakeCheckpoint, tmp_path: Path
     ve = hc.load_state_dict(out / "ve")
     assert {"mm_projector.weight", "mm_projector.bias"} <= set(ve)
     assert any(k.startswith("discrete_vision_model.") for k in ve)
-    for rel in (
-        "vd/model_index.json",
-        "vd/transformer/diffusion_pytorch_model.safetensors",
-        "ad/NCCosybigvganDecoder.mar",
-    ):
-        src = rel.replace("vd/", "decoder/vision/").replace("ad/", "decoder/audio/")
-        assert (out / rel).read_bytes() == (omni.root / src).read_bytes()
+    vision = omni.root / "decoder" / "vision"
+    copied = sorted(str(p.relative_to(vision)) for p in vision.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(out / "vd")) for p in (out / "vd").rglob("*") if p.is_file()) == copied
+    assert all((out / "vd" / rel).read_bytes() == (vision / rel).read_bytes() for rel in copied)
+    assert sorted(str(p.relative_to(out / "ad")) for p in (out / "ad").rglob("*")) == AD_LAYOUT
 
 
 def test_track_b_configs_and_loadable_modules(omni: FakeCheckpoint, tmp_path: Path) -> None:
@@ -223,6 +237,247 @@ def test_track_b_without_compressor_and_with_vision_projector(tmp_path: Path) ->
     assert_component(out, "ae", ckpt)
     assert "mm_projector.weight" in hc.load_state_dict(out / "ve")
     assert "video_audio_compressor_config" not in hc.read_component_config(out / "ae")
+
+
+# ------------------------------------------------------------------------------------- decoders: vd/ and ad/
+
+
+def _archive_members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _rewrite_archive(path: Path, *, drop: tuple[str, ...] = (), add: dict[str, bytes] | None = None) -> None:
+    members = {n: d for n, d in _archive_members(path).items() if n not in drop} | (add or {})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def _generator(path: Path, member: str = "generator.pt") -> dict[str, torch.Tensor]:
+    """The generator state dict inside an archive, read the safe way."""
+    return torch.load(io.BytesIO(_archive_members(path)[member]), weights_only=True)["generator"]
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _layout(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_track_b_decoders_load_with_the_real_loaders(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    from hcxserve.models.unit_vocoder import SAMPLES_PER_UNIT, UnitVocoder
+    from hcxserve.models.vision_decoder import VisionDecoder
+
+    out = tmp_path / "out"
+    hc.convert(omni.root, out, track="b", components=["vd", "ad"], verify=True)
+    assert _layout(out / "ad") == AD_LAYOUT
+    decoder = VisionDecoder.from_pretrained(out / "vd", device="cpu", dtype="float32")
+    assert decoder.has_autoguidance
+    (image,) = decoder.generate([list(range(729))], (64, 48), steps=2, seeds=[0])
+    assert image.size == (64, 48)
+
+    finetuned = UnitVocoder.from_pretrained(out / "ad" / "finetuned")
+    assert finetuned.config.finetune and finetuned.speakers == list(SPEAKERS)
+    wave = finetuned(torch.tensor([[1, 2, 3]]), finetuned.speaker_embedding("mhwj"))
+    assert wave.shape == (1, 3 * SAMPLES_PER_UNIT) and float(wave.abs().max()) <= 1.0
+    zeroshot = UnitVocoder.from_pretrained(out / "ad" / "zeroshot")
+    assert not zeroshot.config.finetune and zeroshot.speakers == []
+
+    audio = omni.root / "decoder" / "audio"
+    total = 0
+    for variant, archive in (("finetuned", FINETUNED_ARCHIVE), ("zeroshot", ZERO_SHOT_ARCHIVE)):
+        members = _archive_members(audio / archive)
+        assert (out / "ad" / variant / "config.json").read_bytes() == members["config.json"]
+        written, original = hc.load_state_dict(out / "ad" / variant), _generator(audio / archive)
+        assert set(written) == set(original)  # unchanged names: weight-norm pairs and buffers are the loader's job
+        assert any(k.endswith("weight.original0") for k in written) and any(k.endswith("pad_buffer") for k in written)
+        assert all(written[k].dtype == original[k].dtype and torch.equal(written[k], original[k]) for k in original)
+        total += len(original)
+    assert (out / "ad" / "finetuned" / "spk_list.txt").read_bytes() == _archive_members(audio / FINETUNED_ARCHIVE)[
+        "spk_list.txt"
+    ]
+    weights = out / "ad" / "finetuned" / "model.safetensors"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by the services' user, like other outputs
+    manifest = hc.read_manifest(out)["components"]
+    assert manifest["ad"]["tensors"] == total and manifest["ad"]["files"] == [f for f in AD_LAYOUT if "/" in f]
+    vision_tensors = sum(len(safe_open(str(p), framework="pt").keys()) for p in (out / "vd").rglob("*.safetensors"))
+    assert manifest["vd"]["tensors"] == vision_tensors > 0
+
+
+def test_archive_members_are_found_by_base_name(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    """Nested members, BigVGAN's g_<step> name and no TorchServe manifest; a deeper config.json is not taken."""
+    from hcxserve.models.unit_vocoder import UnitVocoder
+
+    archive = omni.root / "decoder" / "audio" / FINETUNED_ARCHIVE
+    members = _archive_members(archive)
+    nested = {
+        "model/config.json": members["config.json"],
+        "model/g_00250000": members["generator.pt"],
+        "model/spk_list.txt": members["spk_list.txt"],
+        "model/src/configs/config.json": b'{"not": "the generator"}',
+        "model/src/handler.py": b"",
+    }
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in nested.items():
+            z.writestr(name, data)
+    out = tmp_path / "out"
+    hc.convert(omni.root, out, track="b", components=["ad"], verify=True)
+    assert _layout(out / "ad") == AD_LAYOUT
+    assert UnitVocoder.from_pretrained(out / "ad" / "finetuned").speakers == list(SPEAKERS)
+
+
+def test_the_manifest_names_the_generator_among_several(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    archive = omni.root / "decoder" / "audio" / ZERO_SHOT_ARCHIVE
+    _rewrite_archive(archive, add={"discriminator.pt": _torch_bytes({"discriminator": {"w": torch.ones(2)}})})
+    hc.convert(omni.root, tmp_path / "out", track="b", components=["ad"], verify=True)
+    assert set(hc.load_state_dict(tmp_path / "out" / "ad" / "zeroshot")) == set(_generator(archive))
+
+
+def test_tensors_sharing_storage_are_written_apart(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    """A checkpoint may save one tensor under two names (here each activation's two equal filters); safetensors
+    refuses shared storage, so the converter writes them as two tensors."""
+    archive = omni.root / "decoder" / "audio" / ZERO_SHOT_ARCHIVE
+    state = _generator(archive)
+    shared = [k for k in state if k.endswith("downsample.lowpass.filter")]
+    for name in shared:
+        state[name] = state[name.replace("downsample.lowpass.filter", "upsample.filter")]
+    _rewrite_archive(archive, add={"generator.pt": _torch_bytes({"generator": state})})
+    hc.convert(omni.root, tmp_path / "out", track="b", components=["ad"], verify=True)
+    written = hc.load_state_dict(tmp_path / "out" / "ad" / "zeroshot")
+    assert shared and all(torch.equal(written[k], state[k]) for k in state)
+
+
+def test_unpacked_variant_folders_are_accepted(omni: FakeCheckpoint, tmp_path: Path) -> None:
+    """decoder/audio/{finetuned,zeroshot}/: safetensors weights are copied, a torch checkpoint is converted."""
+    from safetensors.torch import save_file
+
+    from hcxserve.models.unit_vocoder import UnitVocoder
+
+    audio = omni.root / "decoder" / "audio"
+    for variant, archive in (("finetuned", FINETUNED_ARCHIVE), ("zeroshot", ZERO_SHOT_ARCHIVE)):
+        folder = audio / variant
+        folder.mkdir()
+        members = _archive_members(audio / archive)
+        for name in ("config.json", "spk_list.txt"):
+            if name in members:
+                (folder / name).write_bytes(members[name])
+        if variant == "finetuned":
+            (folder / "generator.pt").write_bytes(members["generator.pt"])
+        else:
+            save_file(_generator(audio / archive), str(folder / "model.safetensors"))
+        (folder / "README.md").write_text("not copied")
+        (audio / archive).unlink()
+    out = tmp_path / "out"
+    hc.convert(omni.root, out, track="b", components=["ad"], verify=True)
+    assert _layout(out / "ad") == AD_LAYOUT
+    assert (out / "ad" / "zeroshot" / "model.safetensors").read_bytes() == (
+        audio / "zeroshot" / "model.safetensors"
+    ).read_bytes()
+    assert UnitVocoder.from_pretrained(out / "ad" / "finetuned").speakers == list(SPEAKERS)
+    UnitVocoder.from_pretrained(out / "ad" / "zeroshot")
+
+
+class _RunsCode:
+    """A pickle that would create a file when unpickled: weights_only must refuse it before that happens."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no generator", "NCCosybigvganDecoder.mar: no generator checkpoint in the archive"),
+        ("code in the pickle", "generator.pt: refused: not a plain tensor checkpoint (Unsupported global"),
+        ("not tensors", "the generator state dict holds non-tensor entries: step"),
+        ("not a state dict", "expected {'generator': state_dict}, got list"),
+        ("not a zip", "NCCosybigvganDecoder.mar: not a readable .mar (zip) archive"),
+        ("no speaker list", "NCCosybigvganDecoder.mar: the finetuned audio decoder has no spk_list.txt"),
+        ("no config", "NCCosybigvganDecoder.mar: no config.json in the archive"),
+        ("two checkpoints", "several possible generator checkpoints (extra.pt, generator.pt)"),
+        ("archives swapped", "finetune: false, which is the zeroshot variant, but this archive name is the finetuned"),
+        ("one variant only", "decoder/audio/ has no zeroshot audio decoder"),
+    ],
+)
+def test_bad_audio_decoder_archives_are_refused(
+    omni: FakeCheckpoint, tmp_path: Path, capsys, case: str, match: str
+) -> None:
+    audio = omni.root / "decoder" / "audio"
+    archive = audio / FINETUNED_ARCHIVE
+    marker = tmp_path / "code-ran"
+    if case == "no generator":
+        _rewrite_archive(archive, drop=("generator.pt",))
+    elif case == "code in the pickle":
+        _rewrite_archive(archive, add={"generator.pt": _torch_bytes({"generator": {"w": _RunsCode(marker)}})})
+    elif case == "not tensors":
+        _rewrite_archive(archive, add={"generator.pt": _torch_bytes({"generator": {"w": torch.ones(1), "step": 5}})})
+    elif case == "not a state dict":
+        _rewrite_archive(archive, add={"generator.pt": _torch_bytes([torch.ones(1)])})
+    elif case == "not a zip":
+        archive.write_bytes(b"PK\x03\x04 not really a zip" * 10)
+    elif case == "no speaker list":
+        _rewrite_archive(archive, drop=("spk_list.txt",))
+    elif case == "no config":
+        _rewrite_archive(archive, drop=("config.json",))
+    elif case == "two checkpoints":
+        _rewrite_archive(archive, drop=("MAR-INF/MANIFEST.json",), add={"extra.pt": b"x"})
+    elif case == "archives swapped":
+        archive.rename(audio / "tmp.mar")
+        (audio / ZERO_SHOT_ARCHIVE).rename(archive)
+        (audio / "tmp.mar").rename(audio / ZERO_SHOT_ARCHIVE)
+    elif case == "one variant only":
+        (audio / ZERO_SHOT_ARCHIVE).unlink()
+    _expect_cli_error(omni.root, tmp_path / "out", "b", capsys, match)
+    assert not marker.exists()
+
+
+def test_verify_catches_a_missing_audio_decoder_file(omni: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
+    from hcxserve.convert import audio_decoder
+
+    real = audio_decoder._write_variant
+
+    def forgetful(source, out: Path, scratch: Path) -> None:
+        real(source, out, scratch)
+        (out / "spk_list.txt").unlink(missing_ok=True)
+
+    monkeypatch.setattr(audio_decoder, "_write_variant", forgetful)
+    with pytest.raises(hc.VerifyError, match=r"ad/finetuned: files differ \(missing: spk_list.txt; unexpected: -\)"):
+        hc.convert(omni.root, tmp_path / "out", track="b", components=["ad"], verify=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["omni"]  # nothing half-written is left
+
+
+def test_verify_catches_a_changed_audio_decoder_tensor(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(omni, tmp_path / "out", "-c", "ad")
+    weights = tmp_path / "out" / "ad" / "zeroshot" / "model.safetensors"
+    with open(weights, "r+b") as f:  # one bit of the last tensor's data
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    _verify_fails(omni, tmp_path / "out", capsys, "content differs from the source checkpoint", "-c", "ad")
+
+
+def test_verify_checks_the_weights_fit_the_audio_decoder(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    from hcxserve.tooling.embedded.unit_vocoder import original_state_dict, write_archive
+
+    archive = omni.root / "decoder" / "audio" / FINETUNED_ARCHIVE
+    wrong = original_state_dict({**FINETUNED_VOCODER, "num_units": 60})  # config.json still says 50
+    write_archive(archive, FINETUNED_VOCODER, wrong, speakers=SPEAKERS)
+    _converted(omni, tmp_path / "out", "-c", "ad")  # conversion copies what it is given
+    _verify_fails(
+        omni, tmp_path / "out", capsys, "ad/finetuned: weights do not fit the audio decoder: wrong shape: unit_emb",
+        "-c", "ad",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- sharding and dtype
@@ -690,8 +945,11 @@ def test_verify_catches_a_changed_decoder_file(omni: FakeCheckpoint, tmp_path: P
 
 def test_verify_catches_an_extra_file_in_a_decoder_tree(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
     _converted(omni, tmp_path / "out")
-    (tmp_path / "out" / "ad" / "stray.bin").write_bytes(b"x")
-    _verify_fails(omni, tmp_path / "out", capsys, "ad: copied file list differs")
+    (tmp_path / "out" / "vd" / "stray.bin").write_bytes(b"x")
+    _verify_fails(omni, tmp_path / "out", capsys, "vd: copied file list differs")
+    (tmp_path / "out" / "vd" / "stray.bin").unlink()
+    (tmp_path / "out" / "ad" / "zeroshot" / "stray.bin").write_bytes(b"x")
+    _verify_fails(omni, tmp_path / "out", capsys, "ad/zeroshot: files differ (missing: -; unexpected: stray.bin)")
 
 
 def test_verify_catches_a_missing_config(think: FakeCheckpoint, tmp_path: Path, monkeypatch) -> None:
@@ -726,8 +984,15 @@ def test_verify_compares_side_files_byte_for_byte(think: FakeCheckpoint, tmp_pat
 
 def test_verify_compares_decoder_files_byte_for_byte(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
     _converted(omni, tmp_path / "out")
-    _same_size_change(tmp_path / "out" / "ad" / "NCCosybigvganDecoder.mar")
-    _verify_fails(omni, tmp_path / "out", capsys, "error: ad/NCCosybigvganDecoder.mar differs from the input file")
+    _same_size_change(tmp_path / "out" / "vd" / "vae" / "config.json")
+    _verify_fails(omni, tmp_path / "out", capsys, "error: vd/vae/config.json differs from the input file")
+
+
+def test_verify_compares_audio_decoder_texts_with_the_archive(omni: FakeCheckpoint, tmp_path: Path, capsys) -> None:
+    _converted(omni, tmp_path / "out")
+    _same_size_change(tmp_path / "out" / "ad" / "finetuned" / "spk_list.txt")
+    match = "error: ad/finetuned/spk_list.txt differs from NCCosybigvganDecoder.mar:spk_list.txt"
+    _verify_fails(omni, tmp_path / "out", capsys, match)
 
 
 def _two_shards(omni: FakeCheckpoint, out: Path) -> Path:

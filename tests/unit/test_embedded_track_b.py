@@ -1,12 +1,14 @@
 """Embedded track B checkpoint (Omni-8B layout): token blocks, config ids, parity, conversion, component loading.
 
 The module fixture loads SmolLM2 once (~30 s on 2 cores; cached by the track A tests' first run), writes one
-unified checkpoint and converts it with `--track b` into llm/ ve/ ae/ in a temporary folder.
+unified checkpoint (decoders included) and converts it with `--track b` into llm/ ve/ ae/ vd/ ad/ in a temporary
+folder.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -32,8 +34,10 @@ from hcxserve.tooling.embedded.track_b import (  # noqa: E402
     TrackBParts,
     build_identity,
     prepare_track_b,
+    write_decoders,
     write_track_b,
 )
+from hcxserve.tooling.embedded.unit_vocoder import SPEAKERS  # noqa: E402
 
 TRACK_A_IDS = {"<|image_start|>": 49152, "<|IMAGE_PAD|>": 49153, "<|VIDEO_PAD|>": 49156, "<|endofturn|>": 49163,
                "<think>": 49165, "</think>": 49166}
@@ -48,7 +52,7 @@ def converted(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     from hcxserve.convert import convert
 
     out = tmp_path_factory.mktemp("track_b_components") / "out"
-    convert(checkpoint, out, track="b", components=["llm", "ve", "ae"], verify=True)
+    convert(checkpoint, out, track="b", verify=True)
     return out
 
 
@@ -136,6 +140,7 @@ def test_checkpoint_reload_checks(checkpoint: Path, parts: TrackBParts) -> None:
     report = check_track_b_checkpoint(checkpoint, parts, raise_on_failure=False)
     assert report["errors"] == []
     assert report["image_tokens"] <= 256
+    assert report["speakers"] == list(SPEAKERS)
 
 
 def test_chat_template_is_the_repo_template(checkpoint: Path, saved_tokenizer) -> None:
@@ -158,6 +163,29 @@ def test_checkpoint_files_and_prefixes(checkpoint: Path) -> None:
     assert all(any(n.startswith(r) for n in weights) for r in roles)
 
 
+def test_checkpoint_holds_the_decoders_in_the_real_layout(checkpoint: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    vision = checkpoint / "decoder" / "vision"
+    assert sorted(p.name for p in vision.iterdir()) == ["model_index.json", "scheduler", "token_embedder",
+                                                       "transformer", "transformer2", "vae"]
+    assert json.loads((vision / "model_index.json").read_text())["_class_name"] == "VisionTokenToImagePipeline"
+    audio = checkpoint / "decoder" / "audio"
+    assert sorted(p.name for p in audio.iterdir()) == ["NCCosybigvganDecoder.mar", "NCZSCosybigvganDecoder.mar"]
+    for archive, speakers in (("NCCosybigvganDecoder.mar", True), ("NCZSCosybigvganDecoder.mar", False)):
+        with zipfile.ZipFile(audio / archive) as z:
+            names = set(z.namelist())
+            config = json.loads(z.read("config.json"))
+        assert {"MAR-INF/MANIFEST.json", "config.json", "generator.pt"} <= names
+        assert ("spk_list.txt" in names) == speakers == config["finetune"]
+        assert config["num_units"] == AUDIO_UNITS and math.prod(config["upsample_rates"]) == 960
+    # Seeded: writing the decoders again gives the same bytes.
+    write_decoders(tmp_path)
+    files = sorted(p.relative_to(checkpoint) for p in (checkpoint / "decoder").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in (tmp_path / "decoder").rglob("*") if p.is_file())
+    assert all((checkpoint / f).read_bytes() == (tmp_path / f).read_bytes() for f in files)
+
+
 def test_cli_reports_up_to_date(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hcxserve.tooling.embedded.__main__ import main
 
@@ -169,7 +197,7 @@ def test_cli_reports_up_to_date(checkpoint: Path, capsys: pytest.CaptureFixture[
 
 
 def test_conversion_layout(converted: Path, config: dict) -> None:
-    assert sorted(p.name for p in converted.iterdir() if p.is_dir()) == ["ae", "llm", "ve"]
+    assert sorted(p.name for p in converted.iterdir() if p.is_dir()) == ["ad", "ae", "llm", "vd", "ve"]
     llm = json.loads((converted / "llm" / "config.json").read_text())
     assert llm["architectures"] == ["HyperCLOVAXForCausalLM"] and llm["vocab_size"] == config["text_config"][
         "vocab_size"]
@@ -223,3 +251,38 @@ def test_audio_codes_land_in_the_audio_block(converted: Path, config: dict, save
     token_ids = (codes + config["discrete_audio_unit_0_id"]).tolist()
     assert max(token_ids) < config["discrete_image_unit_0_id"]  # inside the audio block
     assert saved_tokenizer.decode(token_ids) == "".join(audio_unit_token(int(c)) for c in codes)
+
+
+def test_converted_vision_decoder_draws_from_the_llm_codes(converted: Path, config: dict) -> None:
+    from hcxserve.models.vision_decoder import VisionDecoder
+
+    decoder = VisionDecoder.from_pretrained(converted / "vd", device="cpu", dtype="float32")
+    assert decoder.codebook_size == config["discrete_vision_config"]["codebook_size"]  # the LLM's image unit block
+    assert decoder.token_count == 729 and decoder.has_autoguidance
+    codes = np.random.default_rng(0).integers(0, decoder.codebook_size, 729).tolist()
+    first, again = (decoder.generate([codes], (64, 48), steps=2, seeds=[7])[0] for _ in range(2))
+    assert first.size == (64, 48) and np.array_equal(np.asarray(first), np.asarray(again))
+    assert np.asarray(first).std() > 0
+
+
+def test_converted_audio_decoders_speak_the_llm_units(converted: Path) -> None:
+    import torch
+
+    from hcxserve.models.unit_vocoder import SAMPLES_PER_UNIT, UnitVocoder
+
+    assert sorted(p.name for p in (converted / "ad").iterdir()) == ["finetuned", "zeroshot"]
+    assert sorted(p.name for p in (converted / "ad" / "finetuned").iterdir()) == ["config.json", "model.safetensors",
+                                                                                  "spk_list.txt"]
+    units = torch.tensor([[0, 1, 6560, 42, 3000]])
+    finetuned = UnitVocoder.from_pretrained(converted / "ad" / "finetuned")
+    assert finetuned.speakers == list(SPEAKERS) and finetuned.default_speaker == "fkms"
+    assert finetuned.config.num_units == AUDIO_UNITS
+    voices = [finetuned(units, finetuned.speaker_embedding(name)) for name in ("fkms", "mhwj")]
+    assert all(v.shape == (1, 5 * SAMPLES_PER_UNIT) for v in voices)
+    assert 0.01 < float(voices[0].std()) and float(voices[0].abs().max()) < 1.0  # audible, not clipped
+    assert not torch.equal(voices[0], voices[1])  # each speaker has its own voice
+    zeroshot = UnitVocoder.from_pretrained(converted / "ad" / "zeroshot")
+    assert not zeroshot.config.finetune and zeroshot.config.num_units == AUDIO_UNITS
+    clip = (0.3 * np.sin(np.arange(24000) / 24000 * 2 * np.pi * 220)).astype(np.float32)
+    wave = zeroshot(units, zeroshot.speaker_embedding(reference=clip, sample_rate=24000))
+    assert wave.shape == (1, 5 * SAMPLES_PER_UNIT) and bool(torch.isfinite(wave).all())

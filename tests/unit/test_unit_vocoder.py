@@ -59,13 +59,7 @@ NEW_NAMES = ("parametrizations.weight.original0", "parametrizations.weight.origi
 LEGACY_NAMES = ("weight_g", "weight_v")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and a loaded machine makes more threads far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def original_tensors(h: dict, *, seed: int = 0, names: tuple[str, str] = NEW_NAMES) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Checks for the embedded track B checkpoint: token blocks, config ids, template, weights, a ViT run."""
+"""Checks for the embedded track B checkpoint: token blocks, config ids, template, weights, a ViT run, decoders."""
 
 from __future__ import annotations
 
@@ -139,6 +139,43 @@ def weight_errors_b(directory: Path, config: dict[str, Any], component_shapes: d
     return errors, {"tensors": len(shapes), "weight_bytes": total}
 
 
+def decoder_errors(directory: Path, counts: dict[str, int]) -> tuple[list[str], dict[str, Any]]:
+    """Load decoder/vision/ and the archives of decoder/audio/ (unpacked by the converter's own code) with the
+    services' loaders, run each once, and check their vocabularies against the LLM's unit blocks."""
+    import tempfile
+
+    import torch
+
+    from hcxserve.convert.audio_decoder import plan_vocoders, write_vocoders
+    from hcxserve.models.unit_vocoder import SAMPLES_PER_UNIT, UnitVocoder
+    from hcxserve.models.vision_decoder import VisionDecoder
+
+    from .track_b import DECODER_DIR
+
+    errors: list[str] = []
+    timer = Timer()
+    vision = VisionDecoder.from_pretrained(directory / DECODER_DIR / "vision", device="cpu", dtype="float32")
+    if vision.codebook_size != counts["image"]:
+        errors.append(f"vision decoder codebook {vision.codebook_size} != the {counts['image']} image units")
+    (image,) = vision.generate([[0] * vision.token_count], (64, 64), steps=1, seeds=[0])
+    if image.size != (64, 64):
+        errors.append(f"vision decoder drew a {image.size} image, not 64 x 64")
+    speakers: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "ad"
+        write_vocoders(plan_vocoders(directory / DECODER_DIR / "audio", f"{DECODER_DIR}/audio"), out, lambda n: None)
+        for variant in ("finetuned", "zeroshot"):
+            vocoder = UnitVocoder.from_pretrained(out / variant)
+            if vocoder.config.num_units != counts["audio"]:
+                errors.append(f"{variant} audio decoder has {vocoder.config.num_units} units, not {counts['audio']}")
+            if variant == "finetuned":
+                speakers = vocoder.speakers
+                wave = vocoder(torch.tensor([[0, counts["audio"] - 1]]), vocoder.speaker_embedding())
+                if wave.shape != (1, 2 * SAMPLES_PER_UNIT) or not bool(torch.isfinite(wave).all()):
+                    errors.append(f"finetuned audio decoder gave {tuple(wave.shape)} samples for 2 units")
+    return errors, {"speakers": speakers, "decoders_seconds": round(timer(), 2)}
+
+
 def saved_vision_config(config: dict[str, Any]) -> Any:
     """The ViT config from config.json's `vision_config` (its `model_type` names the Omni remote code's class)."""
     from transformers import Qwen2_5_VLVisionConfig
@@ -148,7 +185,8 @@ def saved_vision_config(config: dict[str, Any]) -> Any:
 
 def check_track_b_checkpoint(directory: Path, parts: TrackBParts | None = None, raise_on_failure: bool = True
                              ) -> dict[str, Any]:
-    """Reload the saved checkpoint: files, config ids vs tokenizer, unit blocks, template, weights, a ViT run."""
+    """Reload the saved checkpoint: files, config ids vs tokenizer, unit blocks, template, weights, a ViT run, and
+    one run of each decoder."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
     timer = Timer()
@@ -185,10 +223,11 @@ def check_track_b_checkpoint(directory: Path, parts: TrackBParts | None = None, 
     weight_errors, weight_info = weight_errors_b(directory, config, component_shapes)
     vision_errors, vision_info = vision_run_errors(directory, Qwen2VLImageProcessor.from_pretrained(str(directory)),
                                                    saved_vision_config(config), config["text_config"]["hidden_size"])
-    errors += weight_errors + vision_errors
+    decoders, decoder_info = decoder_errors(directory, counts)
+    errors += weight_errors + vision_errors + decoders
     report = {"ok": not errors, "errors": errors, "tokenizer_len": len(tokenizer),
               "tokenizer_load_seconds": round(load_seconds, 3), "vocab_size": config["text_config"]["vocab_size"],
-              **weight_info, **vision_info, "seconds": round(timer(), 2)}
+              **weight_info, **vision_info, **decoder_info, "seconds": round(timer(), 2)}
     logger.info("track B checkpoint check: %s (%d tensors, tokenizer %d tokens loads in %.2f s, %.1f s)",
                 "ok" if not errors else f"{len(errors)} problems", weight_info["tensors"], len(tokenizer),
                 load_seconds, timer())

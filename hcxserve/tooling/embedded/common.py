@@ -26,7 +26,7 @@ logger = logging.getLogger("hcxserve.tooling.embedded")
 # Bump when anything the builder writes changes (weights, configs, tokenizer), so old builds are rebuilt.
 BUILDER_VERSION = "track_a-2"
 # Track B's own version: its inputs (the tiny TA-Tok and audio components) change independently of track A.
-TRACK_B_BUILDER_VERSION = "track_b-2"  # 2: the MambaMia video-audio compressor
+TRACK_B_BUILDER_VERSION = "track_b-3"  # 2: the MambaMia video-audio compressor; 3: the decoders (decoder/)
 
 # Written last into a finished build; its presence (with matching fields) is what "complete" means.
 MARKER_NAME = ".hcx-embedded.json"

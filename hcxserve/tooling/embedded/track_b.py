@@ -7,6 +7,9 @@ Vision: track A's seeded tiny Qwen2.5-VL ViT + `mm_projector` (to the LLM width)
 `hcxserve.models.audio_encoder`. Everything is saved under the real unified names (`model.language_model.`,
 `model.vision_model.`, `model.mm_projector.`, `model.discrete_vision_model.`, `model.audio_model.`,
 `model.audio_projector.`, `model.discrete_audio_model.`) that `convert_model.py --track b` splits.
+Decoders, in the unified checkpoint's own sub-folders: `decoder/vision/` a tiny diffusers-layout vision decoder
+(`vision_decoder`, its codebook the TA-Tok's), `decoder/audio/` OmniServe's two TorchServe archives holding tiny unit
+vocoders over the 6561 audio units (`unit_vocoder`); the converter turns them into `vd/` and `ad/`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ PROJECTOR_PREFIX = "model.mm_projector."
 DISCRETE_VISION_PREFIX = "model.discrete_vision_model."
 AUDIO_PREFIXES = ("model.audio_model.", "model.audio_projector.", "model.discrete_audio_model.",
                   "model.video_audio_compressor.")
+DECODER_DIR = "decoder"  # decoder/vision/ and decoder/audio/, as in the released checkpoint
 
 # Config keys naming token ids, and the token each names. Two vocabularies of names are in use for the Omni model:
 # the HF remote code (`modeling_vlm.py`: positions equal to `*_start_id` take the features, one per position, so
@@ -274,14 +278,27 @@ def unified_state_dict(parts: TrackBParts) -> dict[str, torch.Tensor]:
     return out
 
 
+def write_decoders(directory: Path, *, seed: int = SEED) -> None:
+    """`decoder/vision/` (diffusers layout) and `decoder/audio/` (the two .mar archives), seeded: the same weights
+    on every build."""
+    from .unit_vocoder import write_tiny_archives
+    from .vision_decoder import write_tiny_folder
+
+    timer = Timer()
+    write_tiny_folder(directory / DECODER_DIR / "vision", seed=seed)
+    write_tiny_archives(directory / DECODER_DIR / "audio", seed=seed)
+    logger.info("decoders written in %.1f s", timer())
+
+
 def write_track_b(parts: TrackBParts, directory: Path, max_shard_bytes: int | None = None) -> None:
-    """Write the unified checkpoint files into an existing (empty) directory."""
+    """Write the unified checkpoint files, decoders included, into an existing (empty) directory."""
     from .track_a import MAX_SHARD_BYTES, make_image_processors, save_image_processors, write_checkpoint
 
     # No processor_config.json: the Omni processor is remote code with no transformers class to name.
     write_checkpoint(parts, directory, unified_state_dict(parts),  # type: ignore[arg-type]  # same attributes
                      lambda folder: save_image_processors(folder, *make_image_processors()),
                      max_shard_bytes or MAX_SHARD_BYTES)
+    write_decoders(directory)
 
 
 def summary_token_ids(parts: TrackBParts) -> dict[str, Any]:
