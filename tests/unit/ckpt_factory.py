@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hcxserve.tooling.embedded.unit_vocoder import FINETUNED_ARCHIVE, SPEAKERS, ZERO_SHOT_ARCHIVE
+
 TEXT_HIDDEN = 16
 VIT_OUT = 48
 IMAGE_TOKEN_ID = 60
@@ -55,9 +57,6 @@ FINETUNED_VOCODER: dict = {**VOCODER, "finetune": True, "num_spk": 4}
 ZERO_SHOT_VOCODER: dict = {
     **VOCODER, "finetune": False, "num_mels": 20, "spk_hidden_dim": 16, "n_fft": 256, "hop_size": 64, "win_size": 256,
 }  # fmt: skip
-SPEAKERS = ("fkms", "mhwj", "fphj", "mphw")
-FINETUNED_ARCHIVE = "NCCosybigvganDecoder.mar"
-ZERO_SHOT_ARCHIVE = "NCZSCosybigvganDecoder.mar"
 
 
 @dataclass

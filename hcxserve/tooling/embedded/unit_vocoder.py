@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
+from hcxserve.convert.tables import AUDIO_DECODER_ARCHIVES
 from hcxserve.models.bigvgan import ALIAS_RATIO, ALIAS_TAPS, kaiser_sinc_filter
 from hcxserve.models.unit_vocoder import SAMPLE_RATE, SPEAKER_LIST, UnitVocoder, UnitVocoderConfig
 
 from .tokenizer import AUDIO_UNITS
 
-FINETUNED_ARCHIVE = "NCCosybigvganDecoder.mar"
-ZERO_SHOT_ARCHIVE = "NCZSCosybigvganDecoder.mar"
+# the released archives' names (hcxserve.convert.tables), finetuned first
+FINETUNED_ARCHIVE, ZERO_SHOT_ARCHIVE = AUDIO_DECODER_ARCHIVES
 SPEAKERS = ("fkms", "mhwj", "fphj", "mphw")  # OmniServe's voices; fkms is its default
 GENERATOR_MEMBER = "generator.pt"
 WEIGHT_NORM_NAMES = ("parametrizations.weight.original0", "parametrizations.weight.original1")  # (g, v)
