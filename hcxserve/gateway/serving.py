@@ -16,6 +16,7 @@ from hcxserve.gateway.limits import check_limits
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.responses import SSE_DONE, build_chunk, build_response, sse_error, sse_event
+from hcxserve.gateway.speech import ask_for_speech, attach_speech, check_speech_request
 from hcxserve.protocol.errors import APIError, NotFoundError, internal_error
 from hcxserve.protocol.openai import ChatCompletionRequest, ChatCompletionResponse, ModelCard, TextPart
 
@@ -82,10 +83,17 @@ class ChatCompletionServing:
         """Return a response, or an async iterator of SSE strings whose first chunk has already arrived
         (so failures before any token are raised here and can still get a proper status code)."""
         self._check_request(request)
+        speech = request.wants_speech()
+        if speech:
+            check_speech_request(request, self.track.components.audio_decoder, self.track.track)
         embeddings = await self.media.embed(request)
         body = self._upstream_body(request, embeddings)
+        if speech:
+            ask_for_speech(body, self.track.components.audio_decoder)
         if not request.stream:
-            return build_response(await self.llm.chat(body), self.model_name)
+            response = build_response(await self.llm.chat(body), self.model_name)
+            # the track's component call (MediaInputs' encoders' and the decoders' alike)
+            return await attach_speech(response, request, self.media.encode) if speech else response
         upstream = self.llm.chat_stream(body)
         first = await anext(upstream, None)
         return self._sse(first, upstream)

@@ -10,7 +10,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -113,9 +121,21 @@ class StreamOptions(_Strict):
 CHAT_TEMPLATE_KWARGS = frozenset({"thinking", "enable_thinking", "skip_reasoning"})
 
 
+SpeechFormat = Literal["wav", "flac", "ogg", "mp3", "pcm16"]
+
+
+class AudioOutputOptions(_Strict):
+    """OpenAI's `audio` request field: the voice and file format of spoken answers."""
+
+    voice: str | None = Field(None, max_length=64)
+    format: SpeechFormat = "wav"
+
+
 class ChatCompletionRequest(_Strict):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    modalities: list[Literal["text", "audio"]] | None = None  # ["text", "audio"]: answer in speech too
+    audio: AudioOutputOptions | None = None
 
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -163,6 +183,9 @@ class ChatCompletionRequest(_Strict):
             raise ValueError(f"unsupported keys {unknown}; supported: {sorted(CHAT_TEMPLATE_KWARGS)}")
         return value
 
+    def wants_speech(self) -> bool:
+        return "audio" in (self.modalities or [])
+
     def reasoning(self, *, default: bool) -> bool:
         """Whether the model should reason: `thinking`/`enable_thinking` opt in or out explicitly, and
         `skip_reasoning` (OmniServe's track B switch) opts out; otherwise the track's default."""
@@ -187,11 +210,28 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+class AudioOutput(BaseModel):
+    """OpenAI's `message.audio`: the spoken answer as a file (base64), and what it says."""
+
+    id: str
+    data: str
+    expires_at: int
+    transcript: str
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    audio: AudioOutput | None = None
+
+    @model_serializer(mode="wrap")
+    def _audio_only_when_spoken(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("audio") is None:
+            data.pop("audio", None)
+        return data
 
 
 class Choice(BaseModel):

@@ -34,7 +34,7 @@ from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.serving import ChatCompletionServing
 from hcxserve.models.vision_spec import VisionTowerSpec
-from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, VisionEmbedding, VisionEncoding
+from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, SpeechAudio, VisionEmbedding, VisionEncoding
 
 WIDTH = 8  # embedding width of the fake encoders (the spec the gateway checks against)
 PUBLIC_IP = "93.184.216.34"  # what FakeWeb's resolver answers for any host it is not told about; never contacted
@@ -216,6 +216,21 @@ class FakeAudioEncoder:
         return [audio_encoding(f"AUD{len(self.clips) - len(items) + i}") for i in range(len(items))]
 
 
+@dataclass
+class FakeAudioDecoder:
+    """The AudioDecoder service: a "file" per request that spells out what it was given (`results` replaces it)."""
+
+    requests: list[Any] = field(default_factory=list)
+    ready: bool = True
+    results: Callable[[list], list] | None = None
+
+    async def decode(self, items: list) -> list[SpeechAudio]:
+        self.requests.extend(items)
+        if self.results is not None:
+            return self.results(items)
+        return [SpeechAudio(data=f"{r.format}:{r.voice}:{r.units}".encode(), samples=960 * len(r.units)) for r in items]
+
+
 class FakeWeb:
     """Media URLs served in-process. `pages[url]` is bytes (200), an `httpx.Response`, a function making one, or an
     exception to raise;
@@ -280,6 +295,7 @@ class TrackFakes:
     audio: FakeAudioEncoder
     config: Any
     caches: dict[str, Any]  # the gateway's encoder caches by component kind
+    speech: FakeAudioDecoder
 
 
 @dataclass
@@ -382,8 +398,8 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
     for config in deployment.served_tracks():
         llm = FakeLLM()
         spec = VisionTowerSpec(out_hidden_size=WIDTH, spatial_merge_size=2, discrete=config.track == "b")
-        vision, audio = FakeVisionEncoder(discrete=spec.discrete), FakeAudioEncoder()
-        components = {"vision_encoder": vision, "audio_encoder": audio}
+        vision, audio, speech = FakeVisionEncoder(discrete=spec.discrete), FakeAudioEncoder(), FakeAudioDecoder()
+        components = {"vision_encoder": vision, "audio_encoder": audio, "audio_decoder": speech}
 
         async def encode(component: str, method: str, items: list, components=components) -> list:
             return await getattr(components[component], method)(items)
@@ -393,14 +409,13 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
             track=config.track, caches=(caches := track_caches(config)),
         )  # fmt: skip
         llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
-        # every component answers its probe (the decoders' fakes are always ready: nothing calls them here yet)
-        decoders = {kind: FakeComponent() for kind in config.components_by_kind() if kind not in components}
-        probes = {config.service_name(kind): fakes_ready({**components, **decoders}[kind])
-                  for kind in config.components_by_kind()}  # fmt: skip
+        # every configured component answers its probe; the vision decoder's fake only does that (nothing calls it yet)
+        fake_of = {**components, "vision_decoder": FakeComponent()}
+        probes = {config.service_name(kind): fakes_ready(fake_of[kind]) for kind in config.components_by_kind()}
         servings[config.track] = ChatCompletionServing(
             config, deployment.gateway, llm=llm_client, media=media, probes=probes
         )
-        fakes[config.track] = TrackFakes(llm, vision, audio, config, caches)
+        fakes[config.track] = TrackFakes(llm, vision, audio, config, caches, speech)
     app = build_app(deployment, lambda: servings)
     for middleware, options in reversed(middlewares(deployment)):
         app = middleware(app, **options)

@@ -7,6 +7,7 @@ import base64
 import json
 
 import httpx
+import openai
 import pytest
 from transformers import AutoTokenizer
 
@@ -299,3 +300,34 @@ def test_the_llm_is_held_to_the_speech_and_image_formats_when_asked(server):
     assert image.ratio in IMAGE_RATIOS and len(image.codes) == 729
     refused = httpx.post(llm, json={**base, "vllm_xargs": {"hcx_output": "speech", "hcx_max_units": 0}}, timeout=60)
     assert refused.status_code == 400 and "hcx_max_units" in refused.json()["error"]["message"]
+
+
+def test_a_spoken_answer_through_the_openai_sdk(client):
+    """modalities + audio, as OpenAI's SDK sends them: the embedded LLM is held to the speech format, the gateway
+    parses its output and the AudioDecoder speaks it: a 24 kHz file of 960 samples per unit, in the voice asked."""
+    import io
+
+    import soundfile
+
+    question = [{"role": "user", "content": "Say hello."}]
+
+    def spoken(voice: str, fmt: str):
+        response = client.chat.completions.create(
+            model=MODEL, messages=question, modalities=["text", "audio"], audio={"voice": voice, "format": fmt},
+            max_tokens=48, temperature=0,
+        )  # fmt: skip
+        message = response.choices[0].message
+        assert message.audio.transcript == message.content and message.content
+        return base64.b64decode(message.audio.data)
+
+    samples, rate = soundfile.read(io.BytesIO(spoken("fkms", "wav")), dtype="int16")
+    assert rate == 24000 and len(samples) > 0 and len(samples) % 960 == 0
+    mp3, mp3_rate = soundfile.read(io.BytesIO(spoken("fkms", "mp3")), dtype="int16")
+    assert mp3_rate == 24000 and abs(len(mp3) - len(samples)) < 2400
+    pcm = spoken("fkms", "pcm16")
+    assert pcm == samples.astype("<i2").tobytes()  # the same samples, raw
+    other = soundfile.read(io.BytesIO(spoken("mhwj", "wav")), dtype="int16")[0]
+    assert other.shape == samples.shape and (other != samples).any()  # same units, another voice
+    with pytest.raises(openai.BadRequestError) as refused:
+        spoken("nobody", "wav")
+    assert refused.value.body["param"] == "audio.voice"
