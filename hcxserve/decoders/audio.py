@@ -18,7 +18,7 @@ import numpy as np
 from hcxserve.config import AudioDecoderConfig
 from hcxserve.encoders import ItemRefused, encode_batch
 from hcxserve.media.audio import AudioDecodeError, decode_audio
-from hcxserve.protocol.payloads import SpeechAudio, SpeechRequest
+from hcxserve.protocol.payloads import UNKNOWN_VOICE, SpeechAudio, SpeechRequest
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,9 @@ class AudioDecoderPipeline:
                 vocoder = self._variant(self.finetuned, "named voices")
                 speaker = vocoder.speaker_embedding(request.voice or self.cfg.default_voice)
             units = vocoder.check_units([request.units])
-        except (AudioDecodeError, InvalidUnitError, UnknownSpeakerError) as exc:
+        except UnknownSpeakerError as exc:
+            raise ItemRefused(str(exc), UNKNOWN_VOICE) from None
+        except (AudioDecodeError, InvalidUnitError) as exc:
             raise ItemRefused(str(exc)) from None
         return vocoder, speaker, units, request.format
 

@@ -15,19 +15,19 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
 
 from pydantic import BaseModel
 
 from hcxserve.config import MODALITY_COMPONENT, MediaConfig
+from hcxserve.gateway.components import ComponentCall, call_component
 from hcxserve.gateway.encoder_cache import EncoderCache
 from hcxserve.gateway.fetch import MediaFetcher, request_budget
 from hcxserve.media.images import probe_image
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.errors import (
-    APIError,
     InvalidRequestError,
     MediaError,
     PayloadTooLargeError,
@@ -46,9 +46,6 @@ from hcxserve.protocol.openai import (
 from hcxserve.protocol.payloads import AudioEmbedding, AudioInput, ImageInput, VideoInput, VisionEmbedding
 
 logger = logging.getLogger(__name__)
-
-# (component, method, inputs) -> one result per input: a call to one of the track's encoder services
-EncoderCall = Callable[[str, str, list], Awaitable[Sequence]]
 
 
 @dataclass(frozen=True)
@@ -278,7 +275,7 @@ class MediaInputs:
         *,
         fetcher: MediaFetcher,
         spec: VisionTowerSpec,
-        encode: EncoderCall,
+        encode: ComponentCall,
         track: str,
         caches: Mapping[str, EncoderCache] | None = None,
     ) -> None:
@@ -337,16 +334,7 @@ class MediaInputs:
         hold. Anything but a client error becomes a 502 without internals."""
 
         async def call(method: str, items: list) -> Sequence:
-            try:
-                results = await self.encode(modality.component, method, items)
-            except APIError:
-                raise
-            except Exception:
-                logger.exception("%s call failed", modality.encoder_label)
-                raise UpstreamError(f"The {modality.encoder_label} failed to process the request.") from None
-            if len(results) != len(items):
-                raise UpstreamError(f"The {modality.encoder_label} returned a wrong number of results.")
-            return results
+            return await call_component(self.encode, modality.component, method, items, label=modality.encoder_label)
 
         cache = self.caches.get(modality.component)
         if cache is None:

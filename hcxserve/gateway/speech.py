@@ -13,17 +13,14 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from hcxserve.config import AudioDecoderConfig
+from hcxserve.gateway.components import ComponentCall, call_component
 from hcxserve.gateway.output_parser import OmniOutputParser, SpeechUnits, Text
-from hcxserve.protocol.errors import APIError, InvalidRequestError, UpstreamError
+from hcxserve.protocol.errors import InvalidRequestError, UpstreamError
 from hcxserve.protocol.openai import AudioOutput, ChatCompletionRequest, ChatCompletionResponse
-from hcxserve.protocol.payloads import SpeechRequest
-
-# (component, method, items) -> one result per item: a call to one of the track's component services
-ComponentCall = Callable[[str, str, list], Awaitable[Sequence]]
+from hcxserve.protocol.payloads import UNKNOWN_VOICE, SpeechRequest
 
 AUDIO_LIFETIME_S = 3600  # `expires_at`, as OmniServe sets it
 
@@ -73,16 +70,11 @@ async def attach_speech(
             requests.append(SpeechRequest(units=units, voice=voice, format=fmt))
     if not requests:
         return response
-    try:
-        results = await call("audio_decoder", "decode", requests)
-    except APIError:
-        raise
-    except Exception:
-        raise UpstreamError("The audio decoder failed to process the request.") from None
+    results = await call_component(call, "audio_decoder", "decode", requests, label="audio decoder")
     expires_at = int(time.time()) + AUDIO_LIFETIME_S
     for (choice, transcript), result in zip(spoken, results, strict=True):
         if result.data is None:
-            if result.status == 400 and voice is not None and voice in (result.error or ""):
+            if result.status == UNKNOWN_VOICE:
                 raise InvalidRequestError(f"audio.voice: {result.error}", param="audio.voice")
             raise UpstreamError("The audio decoder could not speak the model's answer.")
         data = base64.b64encode(result.data).decode("ascii")

@@ -97,8 +97,13 @@ class SpeechRequest(BaseModel):
     format: str = "wav"
 
 
+# SpeechAudio.status of a request naming a voice the decoder does not have (the client's doing, unlike bad units)
+UNKNOWN_VOICE = 404
+
+
 class SpeechAudio(BaseModel):
-    """The spoken units as a file in the requested format (pcm16: raw little-endian samples), or why not."""
+    """The spoken units as a file in the requested format (pcm16: raw little-endian samples), or why not (`status`:
+    400 for units, clips or formats it cannot take, `UNKNOWN_VOICE` for a voice it does not have)."""
 
     data: bytes | None = Field(None, repr=False)
     sample_rate: int = 24000

@@ -8,7 +8,7 @@ import soundfile
 from PIL import Image
 
 from bentos.track_b import DEPLOYMENT, Gateway
-from hcxserve.protocol.payloads import ImageRequest, SpeechRequest
+from hcxserve.protocol.payloads import UNKNOWN_VOICE, ImageRequest, SpeechRequest
 from tests.conftest import make_audio
 
 AudioDecoder = Gateway.dependencies["b_audio_decoder"].on
@@ -64,18 +64,18 @@ def test_a_reference_clip_gives_its_own_voice(speech):
 
 
 @pytest.mark.parametrize(
-    "request_, message",
+    "request_, status, message",
     [
-        (SpeechRequest(units=[1, 6561]), "unit 6561 at position 1 is outside [0, 6561)"),
-        (SpeechRequest(units=[]), "0 units to speak"),
-        (SpeechRequest(units=[1], voice="nobody"), "nobody"),
-        (SpeechRequest(units=[1], format="wma"), "audio format 'wma' is not supported"),
-        (SpeechRequest(units=[1], reference=b"not audio"), ""),
+        (SpeechRequest(units=[1, 6561]), 400, "unit 6561 at position 1 is outside [0, 6561)"),
+        (SpeechRequest(units=[]), 400, "0 units to speak"),
+        (SpeechRequest(units=[1], voice="nobody"), UNKNOWN_VOICE, "nobody"),
+        (SpeechRequest(units=[1], format="wma"), 400, "audio format 'wma' is not supported"),
+        (SpeechRequest(units=[1], reference=b"not audio"), 400, ""),
     ],
 )
-def test_a_bad_request_is_refused_alone(speech, request_, message):
+def test_a_bad_request_is_refused_alone(speech, request_, status, message):
     bad, good = speech.decode([request_, SpeechRequest(units=UNITS[:5])])
-    assert bad.data is None and bad.status == 400 and message in bad.error
+    assert bad.data is None and bad.status == status and message in bad.error
     assert good.error is None and good.samples == 5 * 960
 
 
