@@ -114,6 +114,10 @@ class AudioDecoderConfig(TorchComponentConfig):
     default_voice: str = Field("fkms", description="The finetuned speaker used when a request names none.")
     max_units: PositiveInt = Field(2000, description="Most units one request may have decoded (80 s at 25 units/s).")
     max_reference_seconds: PositiveFloat = Field(30.0, description="Longest reference clip for a zero-shot voice.")
+    stream_first_units: PositiveInt = Field(
+        5, description="Units a streamed answer's first audio waits for (0.2 s of speech: its latency)."
+    )
+    stream_units: PositiveInt = Field(25, description="Units each later part of a streamed answer waits for (1 s).")
 
 
 class VisionDecoderConfig(TorchComponentConfig):
@@ -352,6 +356,48 @@ class AuthConfig(_Section):
         return keys
 
 
+class StorageConfig(_Section):
+    """Where the gateway keeps the media it generates (images, speech) for clients to fetch by URL; see
+    hcxserve.gateway.storage. Credentials come from the environment (`HCX_GATEWAY__STORAGE__ACCESS_KEY_ID`,
+    `HCX_GATEWAY__STORAGE__SECRET_ACCESS_KEY`) or boto3's default chain, never from files in the repo."""
+
+    backend: Literal["inline", "s3"] = Field(
+        "inline", description="inline: the media in the answer as a data: URL; s3: uploaded, answered by a URL."
+    )
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, ...); None: AWS S3.")
+    public_endpoint_url: str | None = Field(
+        None,
+        description="Endpoint written into presigned URLs when clients reach the store by another address than "
+        "the gateway (None: endpoint_url).",
+    )
+    region: str | None = Field(None, description="Region the URLs are signed for (None: boto3's default).")
+    bucket: str | None = Field(None, description="Bucket the media go to (required by the s3 backend).")
+    access_key_id: SecretStr | None = Field(
+        None, description="None (with secret_access_key): boto3's default credential chain."
+    )
+    secret_access_key: SecretStr | None = Field(
+        None,
+        description="None (with access_key_id): boto3's default credential chain, e.g. AWS_* environment "
+        "variables or an instance role.",
+    )
+    prefix: str = Field("generated", description="Key prefix; keys are <prefix>/YYYY/MM/DD/<uuid><suffix>.")
+    url_expiry_s: PositiveInt = Field(3600, description="Lifetime of a presigned URL, in seconds.")
+    timeout_s: PositiveFloat = Field(10.0, description="Connect and read timeout of one store call.")
+    audio_as_url: bool = Field(
+        False,
+        description="Spoken answers as OmniServe gives them: `audio.data` (and `audio.id`) the URL-safe base64 of the "
+        "stored file's URL, not the file itself (non-streamed answers).",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> StorageConfig:
+        if self.backend == "s3" and not self.bucket:
+            raise ValueError("storage backend s3 needs a bucket")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key are given together, or neither")
+        return self
+
+
 class GatewayConfig(_Section):
     default_max_tokens: PositiveInt | None = None
     timeout_s: PositiveFloat = 900.0
@@ -362,6 +408,7 @@ class GatewayConfig(_Section):
     )
     retry_after_s: PositiveInt = Field(1, description="`Retry-After` of a 429.")
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
 class Deployment(BaseSettings):

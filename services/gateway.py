@@ -17,6 +17,7 @@ from hcxserve.gateway.fetch import MediaFetcher
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.serving import ChatCompletionServing
+from hcxserve.gateway.storage import media_store
 from hcxserve.models.vision_spec import VisionTowerSpec
 from services.audio_decoder import audio_decoder_service
 from services.audio_encoder import audio_encoder_service
@@ -53,17 +54,19 @@ class _Gateway:
         self.servings: dict[str, ChatCompletionServing] = {}
         self.fetchers: list[MediaFetcher] = []
         cache_metrics = PrometheusCacheMetrics()
+        store = media_store(self.deployment.gateway.storage)
         for track in self.deployment.served_tracks():
             llm_service_ = self.components[track.track]["llm"]
             llm_url = llm_service_.url or f"http://127.0.0.1:{track.llm.port}"
             fetcher = MediaFetcher(track.media)
             self.fetchers.append(fetcher)
+            components = self._component_call(track.track)
             media = MediaInputs(
                 track.llm.modalities,
                 track.media,
                 fetcher=fetcher,
                 spec=VisionTowerSpec.from_dir(track.component_dir(track.components.vision_encoder.folder)),
-                encode=self._encoder_call(track.track),
+                encode=components,
                 track=track.track,
                 caches=track_caches(track, cache_metrics),
             )
@@ -73,7 +76,7 @@ class _Gateway:
                 for kind in track.components_by_kind()
             }
             self.servings[track.track] = ChatCompletionServing(
-                track, self.deployment.gateway, llm=llm, media=media, probes=probes
+                track, self.deployment.gateway, llm=llm, media=media, components=components, store=store, probes=probes
             )
 
     def _readiness(self, attribute: str):
@@ -82,10 +85,10 @@ class _Gateway:
 
         return probe
 
-    def _encoder_call(self, track: str):
-        async def call(component: str, method: str, items: list):
+    def _component_call(self, track: str):
+        async def call(component: str, method: str, *args):
             what = f"track {track.upper()} {component.replace('_', ' ')}"
-            return await call_dependency(getattr(self, f"{track}_{component}"), method, items, what=what)
+            return await call_dependency(getattr(self, f"{track}_{component}"), method, *args, what=what)
 
         return call
 

@@ -3,7 +3,9 @@
 Two vocoders may be loaded from `ad/`: `finetuned/` (named voices, `spk_list.txt`) and `zeroshot/` (the voice of a
 reference clip, through its ECAPA-TDNN). Requests of a batch that use the same vocoder and have as many units are
 decoded in one forward pass, each with its own voice. (Not across lengths: the convolutions are causal but the
-anti-aliasing filters look a few samples ahead, so padding a shorter request would change its last samples.)
+anti-aliasing filters look a few samples ahead, so padding a shorter request would change its last samples.) A part
+of a stream (`SpeechRequest.start_sample`, `final`) decodes only the window of units its samples depend on
+(`UnitVocoderConfig.span`), so the decoder keeps no state between a stream's calls.
 Files: WAV, FLAC, OGG (Vorbis) and MP3 through libsndfile, and raw pcm16.
 """
 
@@ -87,7 +89,7 @@ class AudioDecoderPipeline:
         return encode_batch(requests, self._prepare, self._speak, refused)
 
     def _prepare(self, request: SpeechRequest):
-        """(vocoder, speaker vector, units, format) of one request, or ItemRefused."""
+        """(vocoder, speaker vector, the window of units, the samples wanted of it, format), or ItemRefused."""
         from hcxserve.models.unit_vocoder import InvalidUnitError, UnknownSpeakerError
 
         if request.format not in SPEECH_FORMATS:
@@ -112,7 +114,14 @@ class AudioDecoderPipeline:
             raise ItemRefused(str(exc), UNKNOWN_VOICE) from None
         except (AudioDecodeError, InvalidUnitError) as exc:
             raise ItemRefused(str(exc)) from None
-        return vocoder, speaker, units, request.format
+        partial = request.start_sample > 0 or not request.final
+        if partial and request.format != "pcm16":
+            raise ItemRefused("a part of a stream is raw pcm16; files are decoded whole")
+        try:
+            first, lo, hi = vocoder.config.span(len(request.units), request.start_sample, final=request.final)
+        except ValueError as exc:
+            raise ItemRefused(str(exc)) from None
+        return vocoder, speaker, units[:, first:], (lo, hi), request.format
 
     @staticmethod
     def _variant(vocoder, what: str):
@@ -125,7 +134,7 @@ class AudioDecoderPipeline:
 
         results: list[SpeechAudio | None] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (vocoder, _, units, _) in enumerate(prepared):
+        for i, (vocoder, _, units, _, _) in enumerate(prepared):
             groups.setdefault((id(vocoder), units.shape[1]), []).append(i)
         for positions in groups.values():
             vocoder = prepared[positions[0]][0]
@@ -133,6 +142,7 @@ class AudioDecoderPipeline:
             speakers = torch.cat([prepared[i][1] for i in positions])
             waves = vocoder(units, speakers).float().cpu().numpy()
             for row, i in enumerate(positions):
-                data = encode_speech(waves[row], vocoder.sample_rate, prepared[i][3])
-                results[i] = SpeechAudio(data=data, sample_rate=vocoder.sample_rate, samples=waves.shape[1])
+                (lo, hi), fmt = prepared[i][3:]
+                data = encode_speech(waves[row, lo:hi], vocoder.sample_rate, fmt)
+                results[i] = SpeechAudio(data=data, sample_rate=vocoder.sample_rate, samples=hi - lo)
         return results

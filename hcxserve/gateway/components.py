@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from hcxserve.protocol.errors import APIError, UpstreamError
 
 logger = logging.getLogger(__name__)
 
-# (component, method, items) -> one result per item: a call to one of the track's component services
-ComponentCall = Callable[[str, str, list], Awaitable[Sequence]]
+# (component, method, *arguments) -> its answer (for batched methods, one result per item of the one argument):
+# a call to one of the track's component services
+ComponentCall = Callable[..., Awaitable[Any]]
 
 
 async def call_component(call: ComponentCall, component: str, method: str, items: list, *, label: str) -> Sequence:

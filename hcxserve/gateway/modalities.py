@@ -16,7 +16,7 @@ import binascii
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_args
 
 from pydantic import BaseModel
@@ -308,16 +308,21 @@ class MediaInputs:
                 found[modality].append(MediaRef(i, j, part))
         return found
 
-    async def embed(self, request: ChatCompletionRequest) -> dict[tuple[int, int], dict[str, Any]]:
+    async def embed(self, request: ChatCompletionRequest) -> EncodedMedia:
         """The upstream content part of every media part, keyed by (message, part); modalities encode concurrently."""
         found = self.collect(request)
         for modality, refs in found.items():
             modality.check_count(refs)
         with request_budget(self.media):
             encoded = await asyncio.gather(*(self._embed(modality, refs) for modality, refs in found.items() if refs))
-        return {key: part for parts in encoded for key, part in parts.items()}
+        media = EncodedMedia()
+        for modality, parts, inputs in encoded:
+            media.parts.update(parts)
+            if isinstance(modality, Audio) and inputs:
+                media.last_audio = inputs[max(inputs)].data
+        return media
 
-    async def _embed(self, modality: Modality, refs: list[MediaRef]) -> dict[tuple[int, int], dict[str, Any]]:
+    async def _embed(self, modality: Modality, refs: list[MediaRef]) -> tuple[Modality, dict, dict]:
         inputs = await asyncio.gather(*(modality.prepare(ref) for ref in refs))
         results = await self._call(modality, list(inputs))
         parts = {}
@@ -327,7 +332,7 @@ class MediaInputs:
                 logger.error("%s returned malformed features for %s: %r", modality.encoder_label, ref.param, embedding)
                 raise UpstreamError(f"The {modality.encoder_label} returned malformed features.")
             parts[ref.key] = modality.upstream_part(embedding)
-        return parts
+        return modality, parts, {ref.key: item for ref, item in zip(refs, inputs)}
 
     async def _call(self, modality: Modality, inputs: list) -> Sequence:
         """The encodings of `inputs`: from the component's cache, and one batched call for the items it does not
@@ -340,6 +345,15 @@ class MediaInputs:
         if cache is None:
             return await call(modality.method, inputs)
         return await cache.encode(modality.method, inputs, call, keep=modality.reusable)
+
+
+@dataclass
+class EncodedMedia:
+    """A request's media as vLLM takes them, by (message, part), and the last input audio's bytes (the voice a
+    spoken answer may clone)."""
+
+    parts: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    last_audio: bytes | None = None
 
 
 def _embedding_of(ref: MediaRef, result: Any) -> Any:

@@ -82,7 +82,7 @@ _PARTIAL = re.compile(r"<(?:/?[a-z_]{0,24}|\|[a-z_]{0,24}\d*(?::\d*)?\|?)\Z")
 class OmniOutputParser:
     """One request's output, delta by delta: `feed(text)` and, at the end, `finish()`, each returning events."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, trim_start: bool = True) -> None:
         self._pending = ""
         self._state = _State.TEXT
         self._speaker_json: list[str] = []
@@ -90,7 +90,7 @@ class OmniOutputParser:
         self._ratio: str | None = None
         self._image: list[int] = []
         self._in_call = False  # inside <audio_decoder_call>
-        self._after_tag = True  # whitespace laid out around the blocks is not text
+        self._after_tag = trim_start  # whitespace laid out around the blocks is not text
         self.units = 0  # speech units seen so far
         self.transcript: list[str] = []  # the text the client got (OmniServe's `audio.transcript`)
 

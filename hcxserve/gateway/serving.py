@@ -12,13 +12,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from hcxserve.config import GatewayConfig, TrackConfig
+from hcxserve.gateway.answer_media import AnswerMedia
+from hcxserve.gateway.components import ComponentCall
+from hcxserve.gateway.images import ask_for_image, check_image_request
 from hcxserve.gateway.limits import check_limits
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.responses import SSE_DONE, build_chunk, build_response, sse_error, sse_event
-from hcxserve.gateway.speech import ask_for_speech, attach_speech, check_speech_request
-from hcxserve.protocol.errors import APIError, NotFoundError, internal_error
-from hcxserve.protocol.openai import ChatCompletionRequest, ChatCompletionResponse, ModelCard, TextPart
+from hcxserve.gateway.speech import ask_for_speech, check_speech_request, check_voice
+from hcxserve.gateway.storage import InlineStore, MediaStore
+from hcxserve.protocol.errors import APIError, NotFoundError, UpstreamError, internal_error
+from hcxserve.protocol.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ModelCard,
+    TextPart,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +57,8 @@ _PASSTHROUGH_FIELDS = (
 )
 
 
+_VOICES_TTL_S = 300.0
+
 # a component's readiness probe (the encoders' BentoML /readyz, through their dependency clients)
 Probe = Callable[[], Awaitable[bool]]
 
@@ -59,15 +71,21 @@ class ChatCompletionServing:
         *,
         llm: LLMClient,
         media: MediaInputs,
+        components: ComponentCall | None = None,
+        store: MediaStore | None = None,
         probes: Mapping[str, Probe] | None = None,
     ) -> None:
         self.track = track
         self.gateway = gateway
         self.llm = llm
         self.media = media
+        self.components = components  # the track's decoders (and encoders), by (component, method, *args)
+        self.store = store or InlineStore()
         self.probes = dict(probes or {})
         self.model_name = track.llm.served_model_name
         self.model_names = {self.model_name, *track.llm.aliases}
+        self.decoders = {kind: getattr(track.components, kind) for kind in ("audio_decoder", "vision_decoder")}
+        self._voices: tuple[float, list[str]] | None = None  # (when asked, the audio decoder's named voices)
 
     # ------------------------------------------------------------------------------------------ public API
     def model_card(self) -> ModelCard:
@@ -83,20 +101,45 @@ class ChatCompletionServing:
         """Return a response, or an async iterator of SSE strings whose first chunk has already arrived
         (so failures before any token are raised here and can still get a proper status code)."""
         self._check_request(request)
-        speech = request.wants_speech()
-        if speech:
-            check_speech_request(request, self.track.components.audio_decoder, self.track.track)
-        embeddings = await self.media.embed(request)
-        body = self._upstream_body(request, embeddings)
-        if speech:
-            ask_for_speech(body, self.track.components.audio_decoder)
+        audio_decoder, vision_decoder = self.decoders["audio_decoder"], self.decoders["vision_decoder"]
+        if request.wants_speech():
+            check_speech_request(request, audio_decoder, self.track.track)
+            await check_voice(request.audio.voice if request.audio else None, await self._named_voices())
+        if request.wants_image():
+            check_image_request(request, vision_decoder, self.track.track)
+        encoded = await self.media.embed(request)
+        body = self._upstream_body(request, encoded.parts)
+        if request.wants_speech():
+            ask_for_speech(body, audio_decoder)
+        elif request.wants_image():
+            ask_for_image(body)
+        media = None
+        if (audio_decoder or vision_decoder) and self.components is not None:
+            media = AnswerMedia(
+                request, self.components, self.store, audio_decoder=audio_decoder, vision_decoder=vision_decoder,
+                reference=encoded.last_audio, audio_as_url=self.gateway.storage.audio_as_url,
+            )  # fmt: skip
         if not request.stream:
             response = build_response(await self.llm.chat(body), self.model_name)
-            # the track's component call (MediaInputs' encoders' and the decoders' alike)
-            return await attach_speech(response, request, self.media.encode) if speech else response
+            return await media.complete(response) if media else response
         upstream = self.llm.chat_stream(body)
         first = await anext(upstream, None)
-        return self._sse(first, upstream)
+        chunks = media.stream(first, upstream, self.model_name) if media else self._relay(first, upstream)
+        return self._sse(chunks)
+
+    async def _named_voices(self) -> list[str]:
+        """The audio decoder's named voices, asked once in a while (they change only with its checkpoint)."""
+        now = asyncio.get_running_loop().time()
+        if self._voices is None or now - self._voices[0] > _VOICES_TTL_S:
+            try:
+                voices = await self.components("audio_decoder", "voices")
+            except APIError:
+                raise
+            except Exception:
+                logger.exception("audio decoder voices call failed")
+                raise UpstreamError("The audio decoder failed to list its voices.") from None
+            self._voices = (now, list(voices))
+        return self._voices[1]
 
     # ------------------------------------------------------------------------------------------ validation
     def _check_request(self, request: ChatCompletionRequest) -> None:
@@ -155,15 +198,23 @@ class ChatCompletionServing:
         return embedding
 
     # ------------------------------------------------------------------------------------------ streaming
-    async def _sse(self, first: dict[str, Any] | None, upstream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async def _relay(
+        self, first: dict[str, Any] | None, upstream: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        if first is not None:
+            yield build_chunk(first, self.model_name)
+            async for event in upstream:
+                yield build_chunk(event, self.model_name)
+
+    async def _sse(self, chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[str]:
         try:
-            if first is not None:
-                yield sse_event(build_chunk(first, self.model_name))
-                async for event in upstream:
-                    yield sse_event(build_chunk(event, self.model_name))
+            async for chunk in chunks:
+                yield sse_event(chunk)
         except APIError as exc:
             yield sse_error(exc)
         except Exception:
             logger.exception("stream failed")
             yield sse_error(internal_error())
+        finally:
+            await chunks.aclose()  # a client gone mid-stream stops the LLM's stream and the decoders' calls now
         yield SSE_DONE

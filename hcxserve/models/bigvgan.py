@@ -43,6 +43,8 @@ UPSAMPLE_CROP = UPSAMPLE_PAD * ALIAS_RATIO + (ALIAS_TAPS - ALIAS_RATIO) // 2  # 
 DOWNSAMPLE_PAD = (ALIAS_TAPS // 2 - 1, ALIAS_TAPS // 2)  # (left, right), replicated
 # output t of an Activation1d reads its input up to t + 5 (derivation in UnitVocoderConfig.lookahead_samples)
 ACTIVATION_LOOKAHEAD = 5
+# ... and its input back to t - 6: the upsampled signal from 2t - 5 on, which reads the input from t - 5.5 on
+ACTIVATION_LOOKBACK = 6
 
 _WEIGHT_NORM = (("weight_g", "weight_v"), ("parametrizations.weight.original0", "parametrizations.weight.original1"))
 _ALIAS_FILTERS = ("upsample.filter", "downsample.lowpass.filter")

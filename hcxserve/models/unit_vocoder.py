@@ -51,6 +51,7 @@ from torch import nn
 from hcxserve.models import known_fields, resolve_device, torch_dtype
 from hcxserve.models.bigvgan import (
     ACTIVATION_LOOKAHEAD,
+    ACTIVATION_LOOKBACK,
     Activation1d,
     AMPBlock1,
     CausalConv1d,
@@ -209,6 +210,41 @@ class UnitVocoderConfig:
         rates = self.upsample_rates
         per_stage = 2 * ACTIVATION_LOOKAHEAD * max(len(d) for d in self.resblock_dilation_sizes)
         return sum(per_stage * math.prod(rates[i + 1 :]) for i in range(len(rates))) + ACTIVATION_LOOKAHEAD
+
+    @property
+    def context_units(self) -> int:
+        """Units before a sample's own unit that the sample depends on (its left receptive field), rounded up.
+
+        At the unit rate conv_pre reads 6 frames back; a stage's transposed convolution reads less than 2 of its
+        input frames back, its resblocks (the deepest sets the reach) per dilation two Activation1d's
+        (`ACTIVATION_LOOKBACK` each) and two causal convolutions ((k - 1) * d and k - 1); activation_post and
+        conv_post add 6 + 6 at the output rate. Each reach is in frames of its own rate, so it is divided by the
+        samples per unit at that rate; one unit more covers the rounding of the sample's position within its unit.
+        """
+        reach, frames_per_unit = 6.0, 1
+        for rate in self.upsample_rates:
+            reach += 2 / frames_per_unit
+            frames_per_unit *= rate
+            deepest = max(
+                sum(2 * ACTIVATION_LOOKBACK + (k - 1) * d + (k - 1) for d in dilations)
+                for k, dilations in zip(self.resblock_kernel_sizes, self.resblock_dilation_sizes)
+            )
+            reach += deepest / frames_per_unit
+        reach += (ACTIVATION_LOOKBACK + 6) / frames_per_unit
+        return math.ceil(reach) + 1
+
+    def span(self, units: int, start: int, *, final: bool) -> tuple[int, int, int]:
+        """Where samples [start, end) of the decode of `units` units come from when only a window of the units is
+        decoded: (first unit of the window, start and end within the window's samples). `end` is every sample when
+        `final`, else the ones no later unit can change (all but `lookahead_samples`); it is never before `start`.
+        """
+        total = units * SAMPLES_PER_UNIT
+        end = total if final else max(0, total - self.lookahead_samples)
+        if not 0 <= start <= total:
+            raise ValueError(f"start sample {start} is outside the {total} samples of {units} units")
+        first = max(0, start // SAMPLES_PER_UNIT - self.context_units)
+        offset = first * SAMPLES_PER_UNIT
+        return first, start - offset, max(start, end) - offset
 
 
 class UnitVocoder(nn.Module):

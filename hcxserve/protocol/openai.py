@@ -131,11 +131,24 @@ class AudioOutputOptions(_Strict):
     format: SpeechFormat = "wav"
 
 
+class ImageOutputOptions(_Strict):
+    """How generated images are drawn (None: the deployment's defaults; the decoder bounds `steps`)."""
+
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, le=10)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+IMAGE_TOOL = "t2i_model_generation"  # the Omni model's image tool (OmniServe's name)
+
+
 class ChatCompletionRequest(_Strict):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None  # ["text", "audio"]: answer in speech too
     audio: AudioOutputOptions | None = None
+    image: ImageOutputOptions | None = None
+    is_ref_audio: bool | None = None  # OmniServe's switch: speak in the voice of the last input audio
 
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -186,6 +199,23 @@ class ChatCompletionRequest(_Strict):
     def wants_speech(self) -> bool:
         return "audio" in (self.modalities or [])
 
+    def wants_image(self) -> bool:
+        """`tool_choice` names the image tool (OpenAI's form, or just the name)."""
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            return isinstance(function, dict) and function.get("name") == IMAGE_TOOL
+        return False
+
+    def declares_image_tool(self) -> bool:
+        """The request lists the image tool: its images then come back as OmniServe's tool calls too."""
+        return any(
+            isinstance(tool, dict)
+            and isinstance(tool.get("function"), dict)
+            and tool["function"].get("name") == IMAGE_TOOL
+            for tool in self.tools or []
+        )
+
     def reasoning(self, *, default: bool) -> bool:
         """Whether the model should reason: `thinking`/`enable_thinking` opt in or out explicitly, and
         `skip_reasoning` (OmniServe's track B switch) opts out; otherwise the track's default."""
@@ -219,18 +249,42 @@ class AudioOutput(BaseModel):
     transcript: str
 
 
+class AudioDelta(BaseModel):
+    """A streamed spoken answer, OpenAI's way: `id` once, `data` chunks (base64 of raw pcm16, or of the whole file
+    in another format), then `transcript` and `expires_at` once."""
+
+    id: str | None = None
+    data: str | None = None
+    transcript: str | None = None
+    expires_at: int | None = None
+
+
+class ImageURL(BaseModel):
+    url: str
+
+
+class ImageOutput(BaseModel):
+    """A generated image, as OpenRouter and LiteLLM return them (`message.images`, `delta.images`)."""
+
+    index: int
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
     audio: AudioOutput | None = None
+    images: list[ImageOutput] | None = None
 
     @model_serializer(mode="wrap")
-    def _audio_only_when_spoken(self, handler) -> dict[str, Any]:
+    def _media_only_when_made(self, handler) -> dict[str, Any]:
         data = handler(self)
-        if data.get("audio") is None:
-            data.pop("audio", None)
+        for key in ("audio", "images"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -275,6 +329,8 @@ class DeltaMessage(BaseModel):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
+    audio: AudioDelta | None = None
+    images: list[ImageOutput] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -89,12 +89,19 @@ class AudioEncoding(BaseModel):
 
 class SpeechRequest(BaseModel):
     """Units to speak, and whose voice: a named speaker of the finetuned vocoder, or (zero-shot) the voice of a
-    reference clip (any container; the decoder decodes it)."""
+    reference clip (any container; the decoder decodes it).
+
+    A streamed answer asks again as units arrive, each time with all its units so far: `start_sample` is where the
+    last answer stopped, and until `final` only the samples no later unit can change come back (raw pcm16). The
+    decoder keeps nothing between calls, so they may go to any replica.
+    """
 
     units: list[int] = Field(repr=False)
     voice: str | None = None
     reference: bytes | None = Field(None, repr=False)
     format: str = "wav"
+    start_sample: int = Field(0, ge=0)
+    final: bool = True
 
 
 # SpeechAudio.status of a request naming a voice the decoder does not have (the client's doing, unlike bad units)
@@ -103,7 +110,8 @@ UNKNOWN_VOICE = 404
 
 class SpeechAudio(BaseModel):
     """The spoken units as a file in the requested format (pcm16: raw little-endian samples), or why not (`status`:
-    400 for units, clips or formats it cannot take, `UNKNOWN_VOICE` for a voice it does not have)."""
+    400 for units, clips or formats it cannot take, `UNKNOWN_VOICE` for a voice it does not have). `samples`: how
+    many came back (from `start_sample` on)."""
 
     data: bytes | None = Field(None, repr=False)
     sample_rate: int = 24000

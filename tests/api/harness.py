@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import numpy as np
 from starlette.testclient import TestClient
 
 from hcxserve.config import dotted_overrides, load_deployment
@@ -33,8 +34,16 @@ from hcxserve.gateway.fetch import MediaFetcher
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.serving import ChatCompletionServing
+from hcxserve.gateway.storage import media_store
 from hcxserve.models.vision_spec import VisionTowerSpec
-from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, SpeechAudio, VisionEmbedding, VisionEncoding
+from hcxserve.protocol.payloads import (
+    AudioEmbedding,
+    AudioEncoding,
+    GeneratedImage,
+    SpeechAudio,
+    VisionEmbedding,
+    VisionEncoding,
+)
 
 WIDTH = 8  # embedding width of the fake encoders (the spec the gateway checks against)
 PUBLIC_IP = "93.184.216.34"  # what FakeWeb's resolver answers for any host it is not told about; never contacted
@@ -216,19 +225,61 @@ class FakeAudioEncoder:
         return [audio_encoding(f"AUD{len(self.clips) - len(items) + i}") for i in range(len(items))]
 
 
+FAKE_LOOKAHEAD = 100  # samples the fake audio decoder holds back from a part of a stream
+
+
+def fake_speech(units: list[int]) -> np.ndarray:
+    """The fake audio decoder's pcm16 for `units`: each unit's id, 960 times."""
+    return np.repeat(np.asarray(units, dtype="<i2"), 960)
+
+
 @dataclass
 class FakeAudioDecoder:
-    """The AudioDecoder service: a "file" per request that spells out what it was given (`results` replaces it)."""
+    """The AudioDecoder service: a "file" per request that spells out what it was given, or (pcm16) samples that
+    do, with the real decoder's parts (`start_sample`, `final`, a lookahead); `results` replaces it, `gate` holds
+    each call until set."""
+
+    requests: list[Any] = field(default_factory=list)
+    ready: bool = True
+    results: Callable[[list], list] | None = None
+    voice_names: list[str] = field(default_factory=lambda: ["fkms", "mhwj"])
+    voice_calls: int = 0
+    gate: asyncio.Event | None = None
+
+    async def decode(self, items: list) -> list[SpeechAudio]:
+        self.requests.extend(items)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.results is not None:
+            return self.results(items)
+        return [self._speak(r) for r in items]
+
+    async def voices(self) -> list[str]:
+        self.voice_calls += 1
+        return self.voice_names
+
+    @staticmethod
+    def _speak(r) -> SpeechAudio:
+        if r.format != "pcm16":
+            return SpeechAudio(data=f"{r.format}:{r.voice}:{r.units}".encode(), samples=960 * len(r.units))
+        end = 960 * len(r.units) - (0 if r.final else FAKE_LOOKAHEAD)
+        samples = fake_speech(r.units)[r.start_sample : max(end, r.start_sample)]
+        return SpeechAudio(data=samples.tobytes(), samples=len(samples))
+
+
+@dataclass
+class FakeVisionDecoder:
+    """The VisionDecoder service: a "PNG" per request that spells out what it was given (`results` replaces it)."""
 
     requests: list[Any] = field(default_factory=list)
     ready: bool = True
     results: Callable[[list], list] | None = None
 
-    async def decode(self, items: list) -> list[SpeechAudio]:
+    async def generate(self, items: list) -> list[GeneratedImage]:
         self.requests.extend(items)
         if self.results is not None:
             return self.results(items)
-        return [SpeechAudio(data=f"{r.format}:{r.voice}:{r.units}".encode(), samples=960 * len(r.units)) for r in items]
+        return [GeneratedImage(png=f"png:{r.ratio}:{len(r.codes)}:{r.steps}:{r.seed}".encode()) for r in items]
 
 
 class FakeWeb:
@@ -272,13 +323,6 @@ class FakeWeb:
         return MediaFetcher(media_config, client=client, resolver=self.resolve)
 
 
-@dataclass
-class FakeComponent:
-    """A component the gateway only probes."""
-
-    ready: bool = True
-
-
 def fakes_ready(fake):
     async def probe() -> bool:
         return fake.ready
@@ -296,6 +340,7 @@ class TrackFakes:
     config: Any
     caches: dict[str, Any]  # the gateway's encoder caches by component kind
     speech: FakeAudioDecoder
+    drawing: FakeVisionDecoder
 
 
 @dataclass
@@ -392,6 +437,7 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
     `overrides` are dotted config keys (`hcxserve.config.dotted_overrides`)."""
     tracks = tracks or ("a",)
     deployment = load_deployment(tracks, profile="embedded", overrides=dotted_overrides(tracks, overrides))
+    store = media_store(deployment.gateway.storage)
     web = FakeWeb()
     fakes: dict[str, TrackFakes] = {}
     servings: dict[str, ChatCompletionServing] = {}
@@ -399,23 +445,23 @@ def gateway(*tracks: str, **overrides: Any) -> Iterator[Gateway]:
         llm = FakeLLM()
         spec = VisionTowerSpec(out_hidden_size=WIDTH, spatial_merge_size=2, discrete=config.track == "b")
         vision, audio, speech = FakeVisionEncoder(discrete=spec.discrete), FakeAudioEncoder(), FakeAudioDecoder()
-        components = {"vision_encoder": vision, "audio_encoder": audio, "audio_decoder": speech}
+        drawing = FakeVisionDecoder()
+        components = {"vision_encoder": vision, "audio_encoder": audio, "audio_decoder": speech,
+                      "vision_decoder": drawing}  # fmt: skip
 
-        async def encode(component: str, method: str, items: list, components=components) -> list:
-            return await getattr(components[component], method)(items)
+        async def call(component: str, method: str, *args: Any, components=components) -> Any:
+            return await getattr(components[component], method)(*args)
 
         media = MediaInputs(
-            config.llm.modalities, config.media, fetcher=web.fetcher(config.media), spec=spec, encode=encode,
+            config.llm.modalities, config.media, fetcher=web.fetcher(config.media), spec=spec, encode=call,
             track=config.track, caches=(caches := track_caches(config)),
         )  # fmt: skip
         llm_client = LLMClient(httpx.AsyncClient(base_url="http://llm", transport=httpx.MockTransport(llm)))
-        # every configured component answers its probe; the vision decoder's fake only does that (nothing calls it yet)
-        fake_of = {**components, "vision_decoder": FakeComponent()}
-        probes = {config.service_name(kind): fakes_ready(fake_of[kind]) for kind in config.components_by_kind()}
+        probes = {config.service_name(kind): fakes_ready(components[kind]) for kind in config.components_by_kind()}
         servings[config.track] = ChatCompletionServing(
-            config, deployment.gateway, llm=llm_client, media=media, probes=probes
+            config, deployment.gateway, llm=llm_client, media=media, components=call, store=store, probes=probes
         )
-        fakes[config.track] = TrackFakes(llm, vision, audio, config, caches, speech)
+        fakes[config.track] = TrackFakes(llm, vision, audio, config, caches, speech, drawing)
     app = build_app(deployment, lambda: servings)
     for middleware, options in reversed(middlewares(deployment)):
         app = middleware(app, **options)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import time
 
 import pytest
 
 from hcxserve.protocol.payloads import UNKNOWN_VOICE, SpeechAudio
-from tests.api.harness import completion, gateway
+from tests.api.harness import chunk, completion, fake_speech, gateway, sse
+from tests.conftest import make_audio
 
 SPOKEN = (
     "\n<assistant_transcript>Hello there.</assistant_transcript>\n<audio_decoder_call>\n"
@@ -80,9 +83,10 @@ def test_an_answer_cut_before_its_units_is_text_only():
     "track, fields, param",
     [
         ("a", SPEAK, "modalities"),  # track A has no audio decoder
-        ("b", {**SPEAK, "stream": True}, "stream"),
         ("b", {**SPEAK, "audio": {"format": "wma"}}, "audio.format"),
         ("b", {"modalities": ["text", "video"]}, "modalities[1]"),
+        ("b", {**SPEAK, "audio": {"voice": "nobody"}}, "audio.voice"),
+        ("b", {**SPEAK, "audio": {"voice": "nobody"}, "stream": True}, "audio.voice"),
     ],
 )
 def test_what_cannot_be_spoken_is_refused_before_the_llm(track, fields, param):
@@ -92,14 +96,165 @@ def test_what_cannot_be_spoken_is_refused_before_the_llm(track, fields, param):
     assert response.status_code == 400 and response.json()["error"]["param"] == param
 
 
-def test_an_unknown_voice_is_a_400_naming_it_and_a_failed_decode_a_502():
+def test_the_decoders_voices_are_asked_once_in_a_while():
     with gateway("b") as gw:
         gw.llm.reply = completion(SPOKEN)
-        error = "unknown speaker 'nobody' (known: fkms, mhwj)"
+        for _ in range(3):
+            assert gw.chat(ask(**SPEAK, audio={"voice": "mhwj"})).status_code == 200
+        assert gw.tracks["b"].speech.voice_calls == 1
+        message = gw.chat(ask(**SPEAK, audio={"voice": "x"})).json()["error"]["message"]
+    assert message == "audio.voice: unknown voice 'x' (known: fkms, mhwj)"
+
+
+def test_a_voice_the_decoder_lost_is_a_400_and_a_failed_decode_a_502():
+    with gateway("b") as gw:
+        gw.llm.reply = completion(SPOKEN)
+        error = "unknown speaker 'mhwj' (known: fkms)"
         gw.tracks["b"].speech.results = lambda items: [SpeechAudio(error=error, status=UNKNOWN_VOICE)]
-        response = gw.chat(ask(**SPEAK, audio={"voice": "nobody"}))
+        response = gw.chat(ask(**SPEAK, audio={"voice": "mhwj"}))
         assert response.status_code == 400 and response.json()["error"]["param"] == "audio.voice"
         # units the decoder cannot take are the model's doing, whatever the voice's name has in common with them
         gw.tracks["b"].speech.results = lambda items: [SpeechAudio(error="unit 7000 at position 0", status=400)]
-        response = gw.chat(ask(**SPEAK, audio={"voice": "0"}))
+        response = gw.chat(ask(**SPEAK, audio={"voice": "fkms"}))
     assert response.status_code == 502 and "could not speak" in response.json()["error"]["message"]
+
+
+def test_units_the_model_speaks_unasked_are_spoken_too():
+    # OmniServe's check 9: no `modalities`; the model decides to answer in speech
+    with gateway("b") as gw:
+        gw.llm.reply = completion(SPOKEN)
+        message = gw.chat(ask()).json()["choices"][0]["message"]
+        assert "vllm_xargs" not in gw.llm.body
+    assert message["content"] == "Hello there." and base64.b64decode(message["audio"]["data"]) == b"wav:None:[12, 13]"
+
+
+def test_the_voice_of_the_last_input_audio_is_cloned_when_the_model_or_the_request_says_so():
+    spoken = SPOKEN.replace("<|discrete_audio_start|>", '<speaker_info>{"is_ref_audio": true}</speaker_info>'
+                            "<|discrete_audio_start|>")  # fmt: skip
+    clips = [make_audio(1.0, freq=220.0), make_audio(1.0, freq=440.0)]
+    content = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(c).decode(), "format": "wav"}}
+               for c in clips] + [{"type": "text", "text": "Answer me."}]  # fmt: skip
+    with gateway("b") as gw:
+        for reply, fields in (
+            (spoken, {}),
+            (SPOKEN, {"is_ref_audio": True}),
+            (SPOKEN, {"extra_body": {"is_ref_audio": True}}),
+        ):
+            gw.llm.reply = completion(reply)
+            body = {"messages": [{"role": "user", "content": content}], **SPEAK, **fields}
+            assert gw.chat(body).status_code == 200
+        gw.llm.reply = completion(spoken)
+        assert gw.chat(ask(**SPEAK, audio={"voice": "mhwj"})).status_code == 200  # no input audio: the voice named
+        gw.llm.reply = completion(SPOKEN)
+        assert gw.chat({"messages": [{"role": "user", "content": content}], **SPEAK}).status_code == 200
+        requests = gw.tracks["b"].speech.requests
+    assert [r.reference == clips[1] for r in requests] == [True, True, True, False, False]
+    assert [r.voice for r in requests] == [None, None, None, "mhwj", None]
+
+
+def test_the_original_form_gives_the_stored_files_url_as_data_and_id():
+    with gateway("b", **{"gateway.storage.audio_as_url": True}) as gw:
+        gw.llm.reply = completion(SPOKEN)
+        audio = gw.chat(ask(**SPEAK)).json()["choices"][0]["message"]["audio"]
+    assert audio["data"] == audio["id"]
+    url = base64.urlsafe_b64decode(audio["data"]).decode()
+    assert url == "data:audio/wav;base64," + base64.b64encode(b"wav:None:[12, 13]").decode()
+
+
+# ---------------------------------------------------------------------------------------------- streamed
+def spoken_stream(units: list[int], *, split: int = 7) -> list[dict]:
+    """An LLM stream of a spoken answer, its text cut into deltas of `split` characters (markers split too)."""
+    text = ("<assistant_transcript>Hello there.</assistant_transcript>\n<audio_decoder_call>\n<|discrete_audio_start|>"
+            + "".join(f"<|audio{u:04d}|>" for u in units) + "<|discrete_audio_end|>")  # fmt: skip
+    pieces = [text[i : i + split] for i in range(0, len(text), split)]
+    return [chunk({"role": "assistant", "content": ""}), *(chunk({"content": p}) for p in pieces),
+            chunk({}, finish_reason="stop")]  # fmt: skip
+
+
+UNITS = [(7 * i) % 100 for i in range(60)]
+
+
+def audio_of(events: list) -> tuple[list[dict], bytes]:
+    deltas = [
+        e["choices"][0]["delta"]["audio"] for e in events[:-1] if e["choices"] and "audio" in e["choices"][0]["delta"]
+    ]
+    return deltas, base64.b64decode("".join(d.get("data", "") for d in deltas))
+
+
+def test_a_streamed_answer_speaks_in_pcm16_parts_that_concatenate_to_the_whole():
+    with gateway("b") as gw:
+        gw.llm.stream = sse(*spoken_stream(UNITS))
+        events = gw.stream(ask(**SPEAK, audio={"format": "pcm16"}))
+        requests = gw.tracks["b"].speech.requests
+    deltas, data = audio_of(events)
+    assert data == fake_speech(UNITS).tobytes()
+    assert deltas[0]["id"].startswith("audio_") and all("id" not in d for d in deltas[1:])
+    parts = [d["data"] for d in deltas if "data" in d]
+    assert len(parts) > 1 and all("=" not in p and len(base64.b64decode(p)) % 6 == 0 for p in parts[:-1])
+    assert deltas[-1]["transcript"] == "Hello there." and abs(deltas[-1]["expires_at"] - time.time() - 3600) < 60
+    # each part asks with all units so far from where the last one stopped; the first after 5 units
+    assert len(requests[0].units) == 5 and not requests[0].final and requests[-1].final
+    assert all(r.format == "pcm16" for r in requests)
+    assert [r.start_sample for r in requests[1:]] == [960 * len(r.units) - 100 for r in requests[:-1]]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    assert text == "Hello there."
+    finishes = [
+        (i, e["choices"][0]["finish_reason"]) for i, e in enumerate(events[:-1]) if e["choices"][0]["finish_reason"]
+    ]
+    assert finishes == [(len(events) - 2, "stop")]  # last, after the audio
+
+
+def test_a_streamed_file_format_comes_whole_at_the_end():
+    with gateway("b") as gw:
+        gw.llm.stream = sse(*spoken_stream(UNITS[:3]))
+        deltas, data = audio_of(gw.stream(ask(**SPEAK, audio={"format": "mp3"})))
+    assert data == b"mp3:None:[0, 7, 14]" and deltas[-1]["transcript"] == "Hello there."
+
+
+def test_the_first_audio_leaves_before_the_llm_has_finished():
+    async def scenario():
+        with gateway("b") as gw:
+            release = asyncio.Event()
+            events = spoken_stream(UNITS, split=1000)
+
+            async def body():
+                yield f"data: {json.dumps(events[0])}\n\ndata: {json.dumps(events[1])}\n\n".encode()
+                await release.wait()  # the LLM is still writing
+                for event in events[2:]:
+                    yield f"data: {json.dumps(event)}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+
+            gw.llm.stream_body = body
+            seen: list[bytes] = []
+
+            async def on_body(data: bytes) -> None:
+                seen.append(data)
+                if b'"audio"' in data:
+                    release.set()
+
+            request = ask(**SPEAK, audio={"format": "pcm16"}, stream=True)
+            status = await asyncio.wait_for(gw.asgi_chat(request, on_body), 10)
+        return status, b"".join(seen)
+
+    status, body = asyncio.run(scenario())
+    assert status == 200 and b"[DONE]" in body and b'"transcript":"Hello there."' in body
+
+
+def test_a_client_gone_mid_stream_stops_the_decoders_call():
+    async def scenario():
+        with gateway("b") as gw:
+            speech = gw.tracks["b"].speech
+            speech.gate = asyncio.Event()  # decoder calls never finish
+            gw.llm.stream = sse(*spoken_stream(UNITS))
+            gone = asyncio.Event()
+
+            async def on_body(data: bytes) -> None:
+                if speech.requests:
+                    gone.set()
+
+            await asyncio.wait_for(
+                gw.asgi_chat(ask(**SPEAK, audio={"format": "pcm16"}, stream=True), on_body, gone), 10
+            )
+            return len(speech.requests)
+
+    assert asyncio.run(scenario()) >= 1  # and returned: the call in flight was cancelled, not awaited

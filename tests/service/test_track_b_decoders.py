@@ -63,6 +63,20 @@ def test_a_reference_clip_gives_its_own_voice(speech):
     assert np.abs(first - second).max() > 1e-3 and np.abs(first - default).max() > 1e-3
 
 
+def test_a_stream_of_parts_concatenates_to_the_whole_decode(speech):
+    # each call carries all units so far and where the last answer stopped: no state on the decoder
+    whole = np.frombuffer(speech.decode([SpeechRequest(units=UNITS, format="pcm16")])[0].data, dtype="<i2")
+    pieces, start = [], 0
+    for arrived, final in ((7, False), (8, False), (30, False), (50, True)):
+        part = speech.decode([SpeechRequest(units=UNITS[:arrived], format="pcm16", start_sample=start, final=final)])
+        assert part[0].error is None
+        pieces.append(np.frombuffer(part[0].data, dtype="<i2"))
+        start += part[0].samples
+    assert 0 < len(pieces[0]) < 7 * 960  # the lookahead is held back until later units come
+    assert np.abs(np.concatenate(pieces).astype(int) - whole).max() <= 1  # a rounding step at most
+    assert start == len(whole) == 50 * 960
+
+
 @pytest.mark.parametrize(
     "request_, status, message",
     [
@@ -71,6 +85,8 @@ def test_a_reference_clip_gives_its_own_voice(speech):
         (SpeechRequest(units=[1], voice="nobody"), UNKNOWN_VOICE, "nobody"),
         (SpeechRequest(units=[1], format="wma"), 400, "audio format 'wma' is not supported"),
         (SpeechRequest(units=[1], reference=b"not audio"), 400, ""),
+        (SpeechRequest(units=[1, 2], start_sample=960, final=False), 400, "raw pcm16"),
+        (SpeechRequest(units=[1], format="pcm16", start_sample=961), 400, "outside the 960 samples"),
     ],
 )
 def test_a_bad_request_is_refused_alone(speech, request_, status, message):

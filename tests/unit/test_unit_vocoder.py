@@ -334,3 +334,38 @@ def test_config_reads_the_hparams_and_rejects_what_the_model_cannot_be() -> None
         UnitVocoderConfig.from_dict({**GENERATOR, "finetune": True})
     with pytest.raises(ValueError, match="needs n_fft, hop_size"):
         UnitVocoderConfig.from_dict({k: v for k, v in ZERO_SHOT.items() if k not in ("n_fft", "hop_size")})
+
+
+@pytest.mark.parametrize("final", [False, True])
+@pytest.mark.parametrize("start_unit", [0, 3, 17, 30])
+def test_a_window_of_the_units_gives_the_samples_of_a_decode_from_the_start(
+    finetuned: UnitVocoder, start_unit: int, final: bool
+) -> None:
+    # what lets a stream's calls go to any replica: no state, only the units and where the last call stopped
+    config = finetuned.config
+    units, speaker = random_units(1, 40, seed=3), finetuned.speaker_embedding("mhwj")
+    whole = finetuned(units, speaker)
+    start = start_unit * 960 + 123
+    first, lo, hi = config.span(40, start, final=final)
+    assert first == max(0, start_unit - config.context_units)
+    piece = finetuned(units[:, first:], speaker)[:, lo:hi]
+    end = 40 * 960 if final else 40 * 960 - config.lookahead_samples
+    assert piece.shape[-1] == end - start
+    assert torch.allclose(piece, whole[:, start:end], atol=1e-6)
+
+
+def test_the_context_covers_the_receptive_field_and_not_much_more(finetuned: UnitVocoder) -> None:
+    # the gradient of one late sample shows which units it depends on
+    config = finetuned.config
+    units = random_units(1, 40, seed=4)
+    embedded = finetuned._embed(units, finetuned.speaker_embedding()).detach().requires_grad_(True)
+    with torch.enable_grad():
+        x = finetuned.conv_pre(embedded)
+        for i, (upsample,) in enumerate(finetuned.ups):
+            x = upsample(x)
+            x = sum(finetuned.resblocks[i * 2 + j](x) for j in range(2)) / 2
+        out = finetuned.conv_post(finetuned.activation_post(x))[0, 0]
+        out[35 * 960].backward()
+    depends = (embedded.grad[0].abs().sum(0) > 0).nonzero().flatten()
+    reach = 35 - int(depends.min())
+    assert reach <= config.context_units <= reach + 3

@@ -1,0 +1,291 @@
+"""What a track B answer carries besides text, decoded as it is written: one `AnswerMedia` per request.
+
+Each choice's output goes through its own `OmniOutputParser`; the text goes on to the client, speech units to a
+`SpokenAnswer` and image blocks to `DrawnImages`, which call the track's decoders while the LLM goes on writing.
+`complete()` does this for a whole response; `stream()` for a stream, merging what the LLM sends with what the
+decoders give back as each arrives: text deltas as they come, speech as `delta.audio` parts, an image as one
+`delta.images` chunk (and the tool-call delta) once drawn, and a choice's `finish_reason` only after its media.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from asyncio import FIRST_COMPLETED
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from hcxserve.config import AudioDecoderConfig, VisionDecoderConfig
+from hcxserve.gateway.components import ComponentCall
+from hcxserve.gateway.images import DrawnImages
+from hcxserve.gateway.output_parser import ImageTokens, OmniOutputParser, SpeechEnd, SpeechStart, SpeechUnits, Text
+from hcxserve.gateway.responses import build_chunk
+from hcxserve.gateway.speech import SpeechOptions, SpokenAnswer
+from hcxserve.gateway.storage import MediaStore
+from hcxserve.protocol.openai import (
+    AudioDelta,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkChoice,
+    DeltaMessage,
+)
+
+_SPEECH_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "ogg": "audio/ogg",
+    "mp3": "audio/mpeg",
+    "pcm16": "audio/pcm",
+}
+
+
+class _ChoiceMedia:
+    """One choice: its parser, and the speech and images found in it so far."""
+
+    def __init__(self, make_speech: Callable[[], SpokenAnswer] | None, make_images: Callable[[], DrawnImages] | None,
+                 *, asked: bool) -> None:  # fmt: skip
+        self.parser = OmniOutputParser(trim_start=asked)
+        self.make_speech, self.make_images = make_speech, make_images
+        self.speech: SpokenAnswer | None = None
+        self.images: DrawnImages | None = None
+        self.finish_reason: str | None = None
+        self.ended = self.closed = False
+
+    def feed(self, text: str) -> str:
+        return self._dispatch(self.parser.feed(text))
+
+    def end(self, finish_reason: str | None) -> str:
+        """The LLM is done with this choice: the rest of its text."""
+        text = self._dispatch(self.parser.finish())
+        self.finish_reason, self.ended = finish_reason, True
+        if self.speech is not None:
+            self.speech.end()
+        return text
+
+    def work(self) -> dict[asyncio.Future, Callable[[asyncio.Future], Any]]:
+        """The decoder calls in flight, with what collects each."""
+        work: dict[asyncio.Future, Callable[[asyncio.Future], Any]] = {}
+        if self.speech is not None and self.speech.task is not None:
+            work[self.speech.task] = lambda _: self.speech.collect()
+        if self.images is not None:
+            work.update(dict.fromkeys(self.images.tasks, self.images.collect))
+        return work
+
+    @property
+    def done(self) -> bool:
+        return self.ended and not self.work()
+
+    @property
+    def transcript(self) -> str:
+        return "".join(self.parser.transcript).strip()
+
+    def cancel(self) -> None:
+        for task in self.work():
+            task.cancel()
+
+    def _dispatch(self, events: list) -> str:
+        text = []
+        for event in events:
+            if isinstance(event, Text):
+                text.append(event.text)
+            elif isinstance(event, (SpeechStart, SpeechUnits)) and self.make_speech is not None:
+                if self.speech is None:
+                    self.speech = self.make_speech()
+                if isinstance(event, SpeechStart):
+                    self.speech.start(event.speaker)
+                else:
+                    self.speech.add(event.codes)
+            elif isinstance(event, SpeechEnd) and self.speech is not None:
+                self.speech.end()
+            elif isinstance(event, ImageTokens) and self.make_images is not None:
+                if self.images is None:
+                    self.images = self.make_images()
+                self.images.add(event)
+        return "".join(text)
+
+
+class AnswerMedia:
+    def __init__(
+        self,
+        request: ChatCompletionRequest,
+        call: ComponentCall,
+        store: MediaStore,
+        *,
+        audio_decoder: AudioDecoderConfig | None,
+        vision_decoder: VisionDecoderConfig | None,
+        reference: bytes | None = None,
+        audio_as_url: bool = False,
+    ) -> None:
+        self.request, self.call, self.store, self.audio_as_url = request, call, store, audio_as_url
+        self.audio_decoder, self.vision_decoder = audio_decoder, vision_decoder
+        self.speech_options = SpeechOptions.of(request, reference)
+        self.asked = request.wants_speech() or request.wants_image()
+        self.choices: dict[int, _ChoiceMedia] = {}
+
+    def _choice(self, index: int) -> _ChoiceMedia:
+        if index not in self.choices:
+            make_speech = make_images = None
+            if self.audio_decoder is not None:
+                make_speech = lambda: SpokenAnswer(self.call, self.audio_decoder, self.speech_options)  # noqa: E731
+            if self.vision_decoder is not None:
+                make_images = lambda: DrawnImages(self.call, self.store, self.request)  # noqa: E731
+            self.choices[index] = _ChoiceMedia(make_speech, make_images, asked=self.asked)
+        return self.choices[index]
+
+    # ------------------------------------------------------------------------------------------ whole responses
+    async def complete(self, response: ChatCompletionResponse) -> ChatCompletionResponse:
+        """Every choice's text without the media tokens, its speech as `message.audio`, its images as
+        `message.images` (and tool calls when the request declared the image tool)."""
+        for choice in response.choices:
+            media = self._choice(choice.index)
+            text = media.feed(choice.message.content or "")
+            text += media.end(choice.finish_reason)
+            if media.speech is not None or media.images is not None:
+                text = text.strip()
+            if choice.message.content is not None:
+                choice.message.content = text
+        try:
+            while work := {task: collect for media in self.choices.values() for task, collect in media.work().items()}:
+                done, _ = await asyncio.wait(work, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    work[task](task)
+        finally:
+            self._cancel()
+        for choice in response.choices:
+            media = self.choices[choice.index]
+            if media.speech is not None and media.speech.done and media.speech.samples:
+                choice.message.audio = media.speech.output(media.transcript, await self._audio_data(media.speech))
+            if media.images is not None and media.images.images:
+                choice.message.images = sorted(media.images.images, key=lambda image: image.index)
+                if media.images.tool_calls:
+                    choice.message.tool_calls += media.images.tool_calls
+                    choice.finish_reason = "tool_calls"
+        return response
+
+    async def _audio_data(self, speech: SpokenAnswer) -> str | None:
+        """OmniServe's form on request of the deployment: `data` (and `id`) the URL-safe base64 of the file's URL."""
+        if not self.audio_as_url:
+            return None
+        fmt = self.speech_options.format
+        stored = await self.store.put(bytes(speech.data), content_type=_SPEECH_TYPES[fmt], suffix=f".{fmt}")
+        speech.id = base64.urlsafe_b64encode(stored.url.encode()).decode("ascii")
+        return speech.id
+
+    # ------------------------------------------------------------------------------------------ streams
+    async def stream(
+        self, first: dict[str, Any] | None, upstream: AsyncIterator[dict[str, Any]], model: str
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """The client's chunks, from the LLM's (`first` already read) and the decoders' results."""
+        template: ChatCompletionChunk | None = None
+        usage: ChatCompletionChunk | None = None
+        reading: asyncio.Future | None = None
+        event, llm_done = first, first is None
+        try:
+            while True:
+                if event is not None:
+                    chunk = build_chunk(event, model)
+                    template = template or chunk
+                    if chunk.choices or chunk.usage is None:
+                        for out in self._from_llm(chunk):
+                            yield out
+                    else:
+                        usage = chunk  # the usage chunk goes last, after every choice's media
+                if llm_done:
+                    for index, media in self.choices.items():
+                        if not media.ended and (text := media.end(media.finish_reason)):
+                            yield _chunk(template, index, DeltaMessage(content=text))
+                if template is not None:
+                    for out in self._closings(template):
+                        yield out
+                if not llm_done and reading is None:
+                    reading = asyncio.ensure_future(anext(upstream, None))
+                work = {task: (index, collect) for index, media in self.choices.items()
+                        for task, collect in media.work().items()}  # fmt: skip
+                if reading is None and not work:
+                    break
+                done, _ = await asyncio.wait({*work, *([reading] if reading else [])}, return_when=FIRST_COMPLETED)
+                event = None
+                if reading in done:
+                    event, reading = reading.result(), None
+                    llm_done = event is None
+                for task in done - {reading}:
+                    if task in work:
+                        index, collect = work[task]
+                        for delta in _deltas(collect(task)):
+                            yield _chunk(template, index, delta)
+            if usage is not None:
+                yield usage
+        finally:
+            if reading is not None:
+                reading.cancel()
+            self._cancel()
+            with contextlib.suppress(Exception):
+                await upstream.aclose()
+
+    def _from_llm(self, chunk: ChatCompletionChunk) -> list[ChatCompletionChunk]:
+        """The LLM's chunk with each choice's text in place of what it wrote; a choice that holds media gets its
+        `finish_reason` later, after them (`_closings`)."""
+        choices = []
+        for choice in chunk.choices:
+            media = self._choice(choice.index)
+            delta, finish = choice.delta, choice.finish_reason
+            text = None if delta.content is None else media.feed(delta.content)
+            if finish is not None:
+                text = (text or "") + media.end(finish)
+                if media.speech is None and media.images is None:
+                    media.closed = True
+                else:
+                    finish = None
+            if (
+                delta.content
+                and not text
+                and finish is None
+                and not delta.model_dump(exclude_none=True).keys() - {"content"}
+            ):
+                continue  # only media tokens
+            choices.append(choice.model_copy(update={"delta": delta.model_copy(update={"content": text}),
+                                                     "finish_reason": finish}))  # fmt: skip
+        if not choices and chunk.choices:
+            return []
+        return [chunk.model_copy(update={"choices": choices})]
+
+    def _closings(self, template: ChatCompletionChunk) -> list[ChatCompletionChunk]:
+        """For each choice whose LLM output and media are all done: the audio's transcript, then its finish."""
+        out = []
+        for index, media in self.choices.items():
+            if not media.done or media.closed:
+                continue
+            media.closed = True
+            if media.speech is not None and media.speech.samples:
+                out.append(_chunk(template, index, DeltaMessage(audio=media.speech.closing(media.transcript))))
+            finish = "tool_calls" if media.images is not None and media.images.tool_calls else media.finish_reason
+            out.append(_chunk(template, index, DeltaMessage(), finish_reason=finish))
+        return out
+
+    def _cancel(self) -> None:
+        for media in self.choices.values():
+            media.cancel()
+
+
+def _deltas(result: Any) -> list[DeltaMessage]:
+    """What a finished decoder call adds to the stream: an audio part, or an image (and its tool call)."""
+    if result is None:
+        return []
+    if isinstance(result, AudioDelta):
+        return [DeltaMessage(audio=result)]
+    image, call = result
+    tool_calls = None
+    if call is not None:
+        tool_calls = [{"index": image.index, **call.model_dump()}]
+    return [DeltaMessage(images=[image], tool_calls=tool_calls)]
+
+
+def _chunk(template: ChatCompletionChunk, index: int, delta: DeltaMessage, finish_reason: str | None = None):
+    return ChatCompletionChunk(
+        id=template.id,
+        created=template.created,
+        model=template.model,
+        choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
+    )

@@ -1,0 +1,121 @@
+"""Generated images (track B): what the LLM is asked for, and how its image blocks become `message.images`, the
+original's tool call, and `delta.images`."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from hcxserve.protocol.payloads import GeneratedImage
+from tests.api.harness import chunk, completion, gateway, sse
+
+CODES = [(13 * i) % 1024 for i in range(729)]
+BLOCK = (
+    "<|discrete_image_start|><|vision_ratio_4:3|>"
+    + "".join(f"<|vision{c:05d}|>" for c in CODES)
+    + "<|discrete_image_end|>"
+)
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "t2i_model_generation",
+        "description": "Generates an RGB image based on the provided discrete image representation.",
+        "parameters": {"type": "object", "required": ["discrete_image_token"],
+                       "properties": {"discrete_image_token": {"type": "string", "minLength": 1}}},
+    },
+}  # fmt: skip
+DRAW = {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "t2i_model_generation"}}}
+
+
+def ask(**fields):
+    return {"messages": [{"role": "user", "content": "Draw a puppy."}], **fields}
+
+
+def png_url(ratio="4:3", codes=729, steps=None, seed=None) -> str:
+    return "data:image/png;base64," + base64.b64encode(f"png:{ratio}:{codes}:{steps}:{seed}".encode()).decode()
+
+
+def test_the_llm_is_asked_for_an_image_and_its_block_is_drawn():
+    with gateway("b") as gw:
+        gw.llm.reply = completion("Here it is. " + BLOCK)
+        response = gw.chat(ask(**DRAW, image={"steps": 8, "seed": 3}))
+        assert response.status_code == 200, response.text
+        body = gw.llm.body
+        (request,) = gw.tracks["b"].drawing.requests
+    assert "tool_choice" not in body and body["tools"] == [TOOL]  # the template still shows the tool
+    assert body["vllm_xargs"] == {"hcx_output": "image"} and body["skip_special_tokens"] is False
+    assert body["chat_template_kwargs"] == {"thinking": False, "skip_reasoning": True}
+    assert (request.ratio, request.codes, request.steps, request.seed) == ("4:3", CODES, 8, 3)
+    choice = response.json()["choices"][0]
+    message = choice["message"]
+    assert message["content"] == "Here it is."
+    assert message["images"] == [{"index": 0, "type": "image_url", "image_url": {"url": png_url(steps=8, seed=3)}}]
+    # the original's form: the tool call with the image's URL
+    (call,) = message["tool_calls"]
+    assert call["function"]["name"] == "t2i_model_generation" and call["id"].startswith("call_")
+    assert json.loads(call["function"]["arguments"]) == {"discrete_image_token": png_url(steps=8, seed=3)}
+    assert choice["finish_reason"] == "tool_calls"
+
+
+def test_an_image_the_model_draws_unasked_comes_back_without_a_tool_call_unless_declared():
+    with gateway("b") as gw:
+        gw.llm.reply = completion(BLOCK)
+        message = gw.chat(ask(seed=11)).json()["choices"][0]["message"]
+        assert message["images"][0]["image_url"]["url"] == png_url(seed=11) and message["tool_calls"] == []
+        assert message["content"] == ""
+        message = gw.chat(ask(tools=[TOOL])).json()["choices"][0]["message"]  # OmniServe's checks 6 and 7
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"])["discrete_image_token"] == png_url()
+
+
+def test_an_image_cut_short_is_not_drawn():
+    with gateway("b") as gw:
+        gw.llm.reply = completion(BLOCK[:2000])
+        gw.llm.reply["choices"][0]["finish_reason"] = "length"
+        choice = gw.chat(ask(**DRAW)).json()["choices"][0]
+        assert gw.tracks["b"].drawing.requests == []
+    assert "images" not in choice["message"] and choice["finish_reason"] == "length"
+
+
+def test_a_streamed_image_arrives_as_one_chunk_with_its_tool_call_before_the_finish():
+    text = "Here. " + BLOCK
+    pieces = [text[i : i + 50] for i in range(0, len(text), 50)]
+    with gateway("b") as gw:
+        gw.llm.stream = sse(chunk({"role": "assistant", "content": ""}), *(chunk({"content": p}) for p in pieces),
+                            chunk({}, finish_reason="stop"))  # fmt: skip
+        events = gw.stream(ask(**DRAW))
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Here. "  # no image token as text
+    (with_image,) = [d for d in deltas if "images" in d]
+    assert with_image["images"] == [{"index": 0, "type": "image_url", "image_url": {"url": png_url()}}]
+    assert with_image["tool_calls"][0]["function"]["name"] == "t2i_model_generation"
+    assert with_image["tool_calls"][0]["index"] == 0
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert all(not e["choices"][0].get("finish_reason") for e in events[:-2])
+
+
+@pytest.mark.parametrize(
+    "track, fields, param",
+    [
+        ("a", DRAW, "tool_choice"),  # track A draws nothing
+        ("b", {**DRAW, "modalities": ["text", "audio"]}, "tool_choice"),
+        ("b", {**DRAW, "image": {"steps": 10_000}}, "image.steps"),
+        ("b", {**DRAW, "image": {"guidance_scale": 11}}, "image.guidance_scale"),
+    ],
+)
+def test_what_cannot_be_drawn_is_refused_before_the_llm(track, fields, param):
+    with gateway(track) as gw:
+        response = gw.chat(ask(**fields))
+        assert gw.llm.requests == []
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_a_refused_drawing_is_a_502_without_internals():
+    with gateway("b") as gw:
+        gw.llm.reply = completion(BLOCK)
+        gw.tracks["b"].drawing.results = lambda items: [GeneratedImage(error="unknown ratio '4:3'", status=400)]
+        response = gw.chat(ask(**DRAW))
+    assert response.status_code == 502 and response.json()["error"]["message"] == (
+        "The vision decoder could not draw the model's image."
+    )
