@@ -11,6 +11,10 @@ entry, and their `bytes` fields have no JSON form.) The entry answers the embedd
 for the bentos (`HCX_TRACKS__A__COMPONENTS__VISION_ENCODER__MAX_BATCH_SIZE=1` turns adaptive batching off).
 
 Classes are built on first access, so serving track A's vision encoder never loads track B's config.
+
+Track B's decoders the same way, for benchmarks/bench_decoders.py (`HCX_BENCH_TRACK=b`): `AudioDecoderBench` /
+`VisionDecoderBench` take one `SpeechRequest` / `ImageRequest` as JSON (`{"request": {...}}`) at `POST /decode`, call
+the real decoder's `decode([request])` / `generate([request])` and answer the result's size, not the audio or PNG.
 """
 
 from __future__ import annotations
@@ -63,8 +67,50 @@ def _bench(encoder: type) -> type:
     return Bench
 
 
+def _decoder(name: str) -> type:
+    config = load_track(TRACK)
+    if name == "AudioDecoder":
+        from services.audio_decoder import audio_decoder_service
+
+        return audio_decoder_service(config)
+    from services.vision_decoder import vision_decoder_service
+
+    return vision_decoder_service(config)
+
+
+def _decoder_bench(decoder: type) -> type:
+    import bentoml
+
+    from hcxserve.protocol.payloads import ImageRequest, SpeechRequest
+    from services.dependencies import call_dependency
+
+    audio = decoder.name.endswith("AudioDecoder")
+
+    @bentoml.service(name=f"{decoder.name}Bench", traffic={"timeout": 600})
+    class Bench:
+        target = bentoml.depends(decoder)
+
+        @bentoml.api
+        async def decode(self, request: dict) -> dict:
+            item = SpeechRequest(**request) if audio else ImageRequest(**request)
+            method = "decode" if audio else "generate"
+            (result,) = await call_dependency(self.target, method, [item], what=decoder.name)
+            data = result.data if audio else result.png
+            if data is None:
+                return {"error": result.error, "status": result.status}
+            if audio:
+                return {"bytes": len(data), "samples": result.samples, "sample_rate": result.sample_rate}
+            return {"bytes": len(data), "width": result.width, "height": result.height}
+
+    return Bench
+
+
 def __getattr__(name: str):
-    if name in ("VisionEncoder", "AudioEncoder"):
+    if name in ("AudioDecoder", "VisionDecoder"):
+        service = _decoder(name)
+    elif name in ("AudioDecoderBench", "VisionDecoderBench"):
+        service = _decoder_bench(_decoder(name.removesuffix("Bench")))
+    elif name in ("VisionEncoder", "AudioEncoder"):
         service = _encoder(name)
     elif name in ("VisionBench", "AudioBench"):
         service = _bench(_encoder(name.replace("Bench", "Encoder")))

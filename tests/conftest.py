@@ -151,6 +151,19 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 @pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """An S3-compatible store on loopback for the generated media (moto's server, bucket `media`); its `storage`
+    holds the gateway settings that use it."""
+    from hcxserve.tooling.testing import serve_s3
+
+    server = serve_s3(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def media_server(tmp_path_factory):
     """Serves files from a temp folder on 127.0.0.1; yields (base_url, folder)."""
     root = tmp_path_factory.mktemp("media")

@@ -44,7 +44,7 @@ _SPEECH_TYPES = {
 class _ChoiceMedia:
     """One choice: its parser, and the speech and images found in it so far."""
 
-    def __init__(self, make_speech: Callable[[], SpokenAnswer] | None, make_images: Callable[[], DrawnImages] | None,
+    def __init__(self, make_speech: Callable[[str], SpokenAnswer] | None, make_images: Callable[[], DrawnImages] | None,
                  *, asked: bool) -> None:  # fmt: skip
         self.parser = OmniOutputParser(trim_start=asked)
         self.make_speech, self.make_images = make_speech, make_images
@@ -92,7 +92,7 @@ class _ChoiceMedia:
                 text.append(event.text)
             elif isinstance(event, (SpeechStart, SpeechUnits)) and self.make_speech is not None:
                 if self.speech is None:
-                    self.speech = self.make_speech()
+                    self.speech = self.make_speech(self.transcript)
                 if isinstance(event, SpeechStart):
                     self.speech.start(event.speaker)
                 else:
@@ -128,7 +128,9 @@ class AnswerMedia:
         if index not in self.choices:
             make_speech = make_images = None
             if self.audio_decoder is not None:
-                make_speech = lambda: SpokenAnswer(self.call, self.audio_decoder, self.speech_options)  # noqa: E731
+                make_speech = lambda transcript: SpokenAnswer(  # noqa: E731
+                    self.call, self.audio_decoder, self.speech_options, transcript
+                )
             if self.vision_decoder is not None:
                 make_images = lambda: DrawnImages(self.call, self.store, self.request)  # noqa: E731
             self.choices[index] = _ChoiceMedia(make_speech, make_images, asked=self.asked)
@@ -238,13 +240,14 @@ class AnswerMedia:
                     media.closed = True
                 else:
                     finish = None
+            held = finish is None and choice.finish_reason is not None
             if (
-                delta.content
+                (delta.content or held)
                 and not text
                 and finish is None
                 and not delta.model_dump(exclude_none=True).keys() - {"content"}
             ):
-                continue  # only media tokens
+                continue  # only media tokens, or an empty end whose finish comes after the media
             choices.append(choice.model_copy(update={"delta": delta.model_copy(update={"content": text}),
                                                      "finish_reason": finish}))  # fmt: skip
         if not choices and chunk.choices:

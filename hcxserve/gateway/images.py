@@ -19,6 +19,7 @@ from typing import Any
 from hcxserve.config import VisionDecoderConfig
 from hcxserve.gateway.components import ComponentCall, call_component
 from hcxserve.gateway.output_parser import ImageTokens
+from hcxserve.gateway.speech import hold_to_format
 from hcxserve.gateway.storage import MediaStore
 from hcxserve.protocol.errors import InvalidRequestError, UpstreamError
 from hcxserve.protocol.openai import IMAGE_TOOL, ChatCompletionRequest, FunctionCall, ImageOutput, ImageURL, ToolCall
@@ -40,12 +41,9 @@ def check_image_request(request: ChatCompletionRequest, decoder: VisionDecoderCo
 
 
 def ask_for_image(body: dict[str, Any]) -> None:
-    """Hold the LLM to its image format (in place of vLLM's guided decoding of the named tool's arguments), keep the
-    image tokens in its text, and answer without a reasoning block."""
-    body.pop("tool_choice", None)
-    body["skip_special_tokens"] = False
+    """Hold the LLM to its image format, in place of vLLM's guided decoding of the named tool's arguments."""
     body["vllm_xargs"] = {"hcx_output": "image"}
-    body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), "thinking": False, "skip_reasoning": True}
+    hold_to_format(body)
 
 
 class DrawnImages:

@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -40,6 +41,7 @@ from hcxserve.protocol.openai import (
     ImageURLPart,
     InputAudioPart,
     TextPart,
+    URLRef,
     VideoPart,
     VideoURLPart,
 )
@@ -63,6 +65,19 @@ class MediaRef:
     @property
     def param(self) -> str:
         return f"messages[{self.message}].content[{self.part}]"
+
+
+# file name endings of the video containers the vision encoder decodes
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpeg", ".mpg", ".ts", ".3gp")
+
+
+def _path_of(url: str) -> str:
+    if url[:5].lower() == "data:":
+        return ""
+    try:
+        return urlsplit(url).path
+    except ValueError:  # malformed: the fetcher refuses it, naming the part
+        return ""
 
 
 def wire_names(part_types: Sequence[type[BaseModel]]) -> list[str]:
@@ -297,6 +312,7 @@ class MediaInputs:
             for j, part in enumerate(message.content):
                 if isinstance(part, TextPart):
                     continue
+                part = self._video_in_image_part(part)
                 modality = self._by_type.get(type(part))
                 if modality is None:
                     raise InvalidRequestError(
@@ -307,6 +323,16 @@ class MediaInputs:
                     )
                 found[modality].append(MediaRef(i, j, part))
         return found
+
+    def _video_in_image_part(self, part: Any) -> Any:
+        """OmniServe's clients send videos as `image_url` parts (its check 8): a URL whose path ends like a video
+        file, or a `data:video/...` URL, is taken as a `video_url` part where the track takes videos."""
+        if not isinstance(part, ImageURLPart) or VideoURLPart not in self._by_type:
+            return part
+        url = part.image_url.url
+        if url[:11].lower() == "data:video/" or _path_of(url).lower().endswith(VIDEO_SUFFIXES):
+            return VideoURLPart(type="video_url", video_url=URLRef(url=url))
+        return part
 
     async def embed(self, request: ChatCompletionRequest) -> EncodedMedia:
         """The upstream content part of every media part, keyed by (message, part); modalities encode concurrently."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ from hcxserve.gateway.limits import check_limits
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.responses import SSE_DONE, build_chunk, build_response, sse_error, sse_event
-from hcxserve.gateway.speech import ask_for_speech, check_speech_request, check_voice
+from hcxserve.gateway.speech import ask_for_speech, check_speech_request, check_voice, transcript_of
 from hcxserve.gateway.storage import InlineStore, MediaStore
 from hcxserve.protocol.errors import APIError, NotFoundError, UpstreamError, internal_error
 from hcxserve.protocol.openai import (
@@ -165,6 +166,9 @@ class ChatCompletionServing:
                 ]
             else:
                 out["content"] = message.content
+            if message.audio is not None and message.content is None:
+                # an earlier spoken answer by its id: the model sees what it said
+                out["content"] = transcript_of(message.audio.id, now=time.time(), param=f"messages[{i}].audio.id")
             for key in ("name", "tool_call_id", "tool_calls", "reasoning_content"):
                 if getattr(message, key) is not None:
                     out[key] = getattr(message, key)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
-import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,37 @@ AUDIO_LIFETIME_S = 3600  # `expires_at`, as OmniServe sets it
 TRANSCRIPT_SHARE = 0.1
 MAX_TRANSCRIPT_TOKENS = 512
 STREAM_FORMAT = "pcm16"  # the one format streamed in parts (OpenAI's too)
+_MAX_TRANSCRIPT_BYTES = 1 << 20  # what an id may inflate to
 _ALIGN = 6  # bytes: whole 16-bit samples and whole base64 quanta, so parts' base64 concatenates
+
+
+def audio_id(transcript: str, expires_at: int) -> str:
+    """A spoken answer's `audio.id`: what a later turn sends back in its place (`{"role": "assistant", "audio":
+    {"id": ...}}`). It carries the transcript and the expiry itself, so any gateway worker or replica resolves it
+    without shared state (a client could forge one, but it could as well send that text as content)."""
+    packed = zlib.compress(json.dumps({"t": transcript, "e": expires_at}, ensure_ascii=False).encode(), 9)
+    return "audio_" + base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
+
+
+def transcript_of(audio_id_: str, *, now: float, param: str) -> str:
+    """The transcript an `audio.id` of ours stands for; a 400 naming `param` for any other id, or an expired one."""
+    try:
+        if not audio_id_.startswith("audio_"):
+            raise ValueError
+        packed = audio_id_[6:]
+        inflate = zlib.decompressobj()
+        text = inflate.decompress(base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4)), _MAX_TRANSCRIPT_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise ValueError
+        data = json.loads(text)
+        transcript, expires_at = data["t"], data["e"]
+        if not isinstance(transcript, str) or not isinstance(expires_at, int):
+            raise ValueError
+    except (ValueError, TypeError, KeyError, zlib.error):
+        raise InvalidRequestError(f"{param}: not the id of a spoken answer of this server", param=param) from None
+    if now > expires_at:
+        raise InvalidRequestError(f"{param}: this spoken answer expired; send its transcript as content", param=param)
+    return transcript
 
 
 def check_speech_request(request: ChatCompletionRequest, decoder: AudioDecoderConfig | None, track: str) -> None:
@@ -59,9 +90,24 @@ def ask_for_speech(body: dict[str, Any], decoder: AudioDecoderConfig) -> None:
         MAX_TRANSCRIPT_TOKENS if budget is None else max(1, min(MAX_TRANSCRIPT_TOKENS, int(budget * TRANSCRIPT_SHARE)))
     )
     units = decoder.max_units if budget is None else max(1, min(decoder.max_units, budget - text - 2))
+    # `min_tokens` bounds the speech from below (vLLM's own would hold back the end of turn the format needs)
+    least = min(units, max(1, body.pop("min_tokens", None) or 1))
+    body["vllm_xargs"] = {
+        "hcx_output": "speech", "hcx_min_units": least, "hcx_max_units": units, "hcx_max_text_tokens": text
+    }  # fmt: skip
+    hold_to_format(body)
+
+
+def hold_to_format(body: dict[str, Any]) -> None:
+    """What a media format asked of the LLM needs besides `vllm_xargs`: its special tokens in the text; no reasoning
+    block (the format starts at the first token); and vLLM's tool parser off (`tool_choice: "none"` keeps the tools
+    in the prompt), which would take the media tokens of a stream for the start of a tool call."""
     body["skip_special_tokens"] = False
-    body["vllm_xargs"] = {"hcx_output": "speech", "hcx_max_units": units, "hcx_max_text_tokens": text}
     body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), "thinking": False, "skip_reasoning": True}
+    if body.get("tools"):
+        body["tool_choice"] = "none"
+    else:
+        body.pop("tool_choice", None)
 
 
 @dataclass(frozen=True)
@@ -91,9 +137,11 @@ class SpokenAnswer:
     as one file once they have all come (`end`). At most one decoder call is in flight (`task`); `collect()` takes
     its result and starts the next call if there is one to make."""
 
-    def __init__(self, call: ComponentCall, cfg: AudioDecoderConfig, options: SpeechOptions) -> None:
+    def __init__(self, call: ComponentCall, cfg: AudioDecoderConfig, options: SpeechOptions, transcript: str) -> None:
+        """`transcript`: what the model said before it began to speak (the model's format puts it first)."""
         self.call, self.cfg, self.options = call, cfg, options
-        self.id = f"audio_{uuid.uuid4().hex}"
+        self.expires_at = int(time.time()) + AUDIO_LIFETIME_S
+        self.id = audio_id(transcript, self.expires_at)
         self.incremental = options.streamed and options.format == STREAM_FORMAT
         self.units: list[int] = []
         self.speaker: dict[str, Any] = {}
@@ -153,16 +201,14 @@ class SpokenAnswer:
 
     def closing(self, transcript: str) -> AudioDelta:
         """The stream's last audio delta: what was said and until when it can be referred to."""
-        return AudioDelta(
-            id=None if self._id_sent else self.id, transcript=transcript, expires_at=int(time.time()) + AUDIO_LIFETIME_S
-        )
+        return AudioDelta(id=None if self._id_sent else self.id, transcript=transcript, expires_at=self.expires_at)
 
     def output(self, transcript: str, data: str | None = None) -> AudioOutput:
         """OpenAI's `message.audio` (`data`: the file, base64, unless the caller gives another form)."""
         return AudioOutput(
             id=self.id,
             data=data if data is not None else base64.b64encode(bytes(self.data)).decode("ascii"),
-            expires_at=int(time.time()) + AUDIO_LIFETIME_S,
+            expires_at=self.expires_at,
             transcript=transcript,
         )
 

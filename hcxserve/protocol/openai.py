@@ -97,6 +97,12 @@ VIDEO_PART_TYPES = (VideoURLPart, VideoPart)
 AUDIO_PART_TYPES = (InputAudioPart, AudioURLPart)
 
 
+class AudioRef(_Strict):
+    """An earlier spoken answer, referred to by its `audio.id` (OpenAI's multi-turn form)."""
+
+    id: str = Field(min_length=1, max_length=16384)
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -104,10 +110,13 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     reasoning_content: str | None = None
+    audio: AudioRef | None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+        if self.audio is not None and self.role != "assistant":
+            raise ValueError("only an assistant message refers to an earlier spoken answer (`audio`)")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.audio)):
             raise ValueError(f"a {self.role} message needs `content`")
         return self
 

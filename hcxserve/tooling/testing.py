@@ -77,14 +77,53 @@ def serve_bento(
         overrides["auth.api_keys"] = api_key
     env = serve_env(**config_env(overrides))
     server = ServedProcess(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--port", str(port),
-         "--timeout-graceful-shutdown", str(SHUTDOWN_GRACE_S)],  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "bentoml"),
+            "serve",
+            target,
+            "--port",
+            str(port),
+            "--timeout-graceful-shutdown",
+            str(SHUTDOWN_GRACE_S),
+        ],  # fmt: skip
         env,
         log_path,
         url=f"http://127.0.0.1:{port}",
     )
     server.llm_urls = {track: f"http://127.0.0.1:{p}" for track, p in llm_ports.items()}
     server.headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
+    return server
+
+
+# what the tests' S3-compatible store accepts (moto takes any credentials; these are never real)
+S3_ACCESS_KEY, S3_SECRET_KEY, S3_REGION = "AKIDTESTTESTTESTTEST", "test-secret-do-not-log-0123456789", "us-east-1"
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def serve_s3(log_path: Path, buckets: Sequence[str] = ("media",), timeout: float = 30) -> ServedProcess:
+    """moto's standalone S3 server (a real HTTP server, in its own process) on 127.0.0.1, with `buckets` made;
+    stop it with `stop()`. Its `storage` maps the gateway's storage settings onto it (dotted config overrides)."""
+    import boto3
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARIABLES}
+    server = ServedProcess([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env, log_path,
+                           url=f"http://127.0.0.1:{port}")  # fmt: skip
+    try:
+        server.wait_ready(f"{server.url}/moto-api/", timeout)
+        client = boto3.session.Session(
+            aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY, region_name=S3_REGION
+        ).client("s3", endpoint_url=server.url)
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+    except BaseException:
+        server.stop()
+        raise
+    server.storage = {
+        "gateway.storage.backend": "s3", "gateway.storage.endpoint_url": server.url,
+        "gateway.storage.bucket": buckets[0], "gateway.storage.region": S3_REGION,
+        "gateway.storage.access_key_id": S3_ACCESS_KEY, "gateway.storage.secret_access_key": S3_SECRET_KEY,
+    }  # fmt: skip
     return server
 
 
@@ -108,6 +147,7 @@ class ServedProcess:
         self.ready_after_s: float | None = None
         self.llm_urls: dict[str, str] = {}
         self.headers: dict[str, str] = {}
+        self.storage: dict[str, Any] = {}
 
     def wait_ready(self, url: str, timeout: float) -> float:
         deadline = time.monotonic() + timeout
@@ -115,7 +155,7 @@ class ServedProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log tail:\n{self.tail()}")
             try:
-                if httpx.get(url, timeout=2).status_code == 200:
+                if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
                     self.ready_after_s = time.monotonic() - self.started
                     return self.ready_after_s
             except httpx.HTTPError:

@@ -195,7 +195,7 @@ TOOL_CALLS = [{"id": "c1", "type": "function", "function": {"name": "f", "argume
 BIG_TOOL = [{"type": "function", "function": {"name": "f", "parameters": {"enum": list(range(500))}}}]
 BIG_FORMAT = {"type": "json_schema", "json_schema": {"schema": {"enum": list(range(500))}}}
 OVER, CONTEXT = "over_limit", "context_length_exceeded"
-LIMITED = [  # body, param, message, code (the embedded profile's max_model_len is 4096)
+LIMITED = [  # body, param, message, code (with LIMITS, max_model_len is 4096)
     (hi(max_tokens=4097), "max_tokens", "4097 tokens, over the limit of 4096", CONTEXT),
     (hi(max_completion_tokens=5000), "max_completion_tokens", "5000 tokens, over the limit of 4096", CONTEXT),
     (hi(min_tokens=5000), "min_tokens", "5000 tokens, over the limit of 4096", CONTEXT),
@@ -229,6 +229,7 @@ LIMITS = {
     "gateway.limits.max_messages": 10, "gateway.limits.max_text_chars": 1000, "gateway.limits.max_stop_sequences": 4,
     "gateway.limits.max_stop_chars": 32, "gateway.limits.max_tools": 4, "gateway.limits.max_schema_bytes": 1024,
     "gateway.limits.max_top_k": 100, "gateway.limits.max_total_tokens": 16000,
+    "llm.max_model_len": 4096,  # track B's embedded context is 8192
 }  # fmt: skip
 
 

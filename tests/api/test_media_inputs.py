@@ -224,6 +224,22 @@ def test_video_file_by_url_and_data_url(track):
     assert parts[1]["video_embeds"]["video_embeds"] == "VID1" and parts[2] == {"type": "text", "text": "?"}
 
 
+@pytest.mark.parametrize("track", ["a", "b"])
+def test_a_video_in_an_image_url_part_is_a_video(track):
+    # OmniServe's check 8 sends its mp4 as an image_url part
+    with gateway(track) as gw:
+        gw.web.pages["https://vid.test/sample-5s.MP4?x=1"] = b"mp4 bytes"
+        gw.web.pages["https://img.test/red.png"] = PNG
+        response = gw.chat(user(image_url("https://vid.test/sample-5s.MP4?x=1"), image_url(data_url(b"webm", "video/webm")),
+                                image_url("https://img.test/red.png")))  # fmt: skip
+        assert response.status_code == 200, response.text
+        assert [v.data for v in gw.vision.videos] == [b"mp4 bytes", b"webm"] and len(gw.vision.images) == 1
+        parts = gw.llm.body["messages"][0]["content"]
+        assert [p["type"] for p in parts] == ["video_embeds", "video_embeds", "image_embeds"]
+        malformed = gw.chat(user(image_url("http://[::1/clip.mp4")))
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "messages[0].content[0]"
+
+
 @pytest.mark.parametrize(
     ("client", "expected_fps", "expected_pixels"),
     [

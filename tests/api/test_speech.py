@@ -6,9 +6,11 @@ import asyncio
 import base64
 import json
 import time
+import zlib
 
 import pytest
 
+from hcxserve.gateway.speech import audio_id
 from hcxserve.protocol.payloads import UNKNOWN_VOICE, SpeechAudio
 from tests.api.harness import chunk, completion, fake_speech, gateway, sse
 from tests.conftest import make_audio
@@ -33,7 +35,10 @@ def test_the_llm_is_asked_for_speech_and_its_units_are_spoken():
         (request,) = gw.tracks["b"].speech.requests
     assert body["skip_special_tokens"] is False
     max_units = gw.config.components.audio_decoder.max_units
-    assert body["vllm_xargs"] == {"hcx_output": "speech", "hcx_max_units": max_units, "hcx_max_text_tokens": 512}
+    assert body["vllm_xargs"] == {
+        "hcx_output": "speech", "hcx_min_units": 1, "hcx_max_units": max_units, "hcx_max_text_tokens": 512
+    }  # fmt: skip
+    assert "tool_choice" not in body
     assert body["chat_template_kwargs"] == {"thinking": False, "skip_reasoning": True}  # no think block to hold units
     assert (request.units, request.voice, request.format) == ([12, 13], "mhwj", "mp3")
     message = response.json()["choices"][0]["message"]
@@ -46,11 +51,21 @@ def test_the_llm_is_asked_for_speech_and_its_units_are_spoken():
 
 @pytest.mark.parametrize("max_tokens, text, units", [(64, 6, 56), (10, 1, 7), (100_000, 512, 2000)])
 def test_the_formats_bounds_fit_the_token_budget(max_tokens, text, units):
-    with gateway("b", **{"llm.max_model_len": 200_000}) as gw:
+    with gateway("b", **{"llm.max_model_len": 200_000, "components.audio_decoder.max_units": 2000}) as gw:
         gw.llm.reply = completion(SPOKEN)
         assert gw.chat(ask(**SPEAK, max_tokens=max_tokens)).status_code == 200
         xargs = gw.llm.body["vllm_xargs"]
     assert (xargs["hcx_max_text_tokens"], xargs["hcx_max_units"]) == (text, units)
+
+
+def test_min_tokens_is_the_least_number_of_units_and_tools_stay_in_the_prompt_only():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with gateway("b") as gw:
+        gw.llm.reply = completion(SPOKEN)
+        assert gw.chat(ask(**SPEAK, min_tokens=40, max_tokens=100, tools=tools, tool_choice="auto")).status_code == 200
+        body = gw.llm.body
+    assert body["vllm_xargs"]["hcx_min_units"] == 40 and "min_tokens" not in body  # vLLM's would block the end
+    assert body["tools"] == tools and body["tool_choice"] == "none"
 
 
 def test_every_choice_is_spoken_in_one_call_with_the_default_voice_and_format():
@@ -248,13 +263,56 @@ def test_a_client_gone_mid_stream_stops_the_decoders_call():
             gw.llm.stream = sse(*spoken_stream(UNITS))
             gone = asyncio.Event()
 
-            async def on_body(data: bytes) -> None:
-                if speech.requests:
-                    gone.set()
+            async def leave_once_decoding() -> None:
+                while not speech.requests:
+                    await asyncio.sleep(0.01)
+                gone.set()
 
-            await asyncio.wait_for(
-                gw.asgi_chat(ask(**SPEAK, audio={"format": "pcm16"}, stream=True), on_body, gone), 10
-            )
+            async def on_body(data: bytes) -> None:
+                pass
+
+            leaving = asyncio.ensure_future(leave_once_decoding())
+            request = ask(**SPEAK, audio={"format": "pcm16"}, stream=True)
+            await asyncio.wait_for(gw.asgi_chat(request, on_body, gone), 10)
+            await leaving
             return len(speech.requests)
 
     assert asyncio.run(scenario()) >= 1  # and returned: the call in flight was cancelled, not awaited
+
+
+# ---------------------------------------------------------------------------------------------- later turns
+def test_a_later_turn_refers_to_a_spoken_answer_by_its_id():
+    with gateway("b") as gw:
+        gw.llm.reply = completion(SPOKEN)
+        audio = gw.chat(ask(**SPEAK)).json()["choices"][0]["message"]["audio"]
+        gw.llm.reply = completion("Fine.")
+        turns = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "audio": {"id": audio["id"]}},
+                 {"role": "user", "content": "Again?"}]  # fmt: skip
+        assert gw.chat({"messages": turns}).status_code == 200
+        assert gw.llm.requests[-1]["messages"][1] == {"role": "assistant", "content": "Hello there."}
+
+
+@pytest.mark.parametrize(
+    "audio_id, message",
+    [
+        ("audio_abc", "not the id of a spoken answer of this server"),
+        ("chatcmpl-1", "not the id of a spoken answer of this server"),
+        (audio_id("Hi.", int(time.time()) - 1), "expired; send its transcript as content"),
+        # an id that inflates beyond any transcript
+        ("audio_" + base64.urlsafe_b64encode(zlib.compress(b" " * (4 << 20), 9)).decode().rstrip("="), "not the id"),
+    ],
+)
+def test_an_id_that_is_not_ours_or_expired_is_a_400(audio_id, message):
+    with gateway("b") as gw:
+        turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "audio": {"id": audio_id}},
+                 {"role": "user", "content": "Again?"}]  # fmt: skip
+        response = gw.chat({"messages": turns})
+        assert gw.llm.requests == []
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "messages[1].audio.id" and message in error["message"]
+
+
+def test_only_an_assistant_message_refers_to_audio():
+    with gateway("b") as gw:
+        response = gw.chat({"messages": [{"role": "user", "content": "Hi", "audio": {"id": "audio_x"}}]})
+    assert response.status_code == 400

@@ -26,13 +26,15 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
-def server(track_a_model_dir, track_b_model_dir, tmp_path_factory):
-    """Session scope: one bento serves every test (it is ~12 GB of RSS and wants both cores)."""
+def server(track_a_model_dir, track_b_model_dir, tmp_path_factory, s3_store):
+    """Session scope: one bento serves every test (it is ~12 GB of RSS and wants both cores). Generated media go
+    to an S3-compatible store the tests start (moto's server on loopback), as a production deployment's would."""
     overrides = {
         # the tests' media server listens on loopback
         **{f"{t}.media.allow_private_networks": True for t in TRACKS},
         "b.media.max_audio_seconds": 20,
         "b.media.max_video_seconds": 20,
+        **s3_store.storage,
     }
     log_path = tmp_path_factory.mktemp("logs") / "combined.log"
     bento = serve_bento("bentos.combined:Gateway", log_path, tracks=TRACKS, overrides=overrides, api_key=API_KEY)

@@ -4,9 +4,11 @@ the Omni LLM's unit tokens, bad media, and the encoders batching concurrent requ
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -331,3 +333,90 @@ def test_a_spoken_answer_through_the_openai_sdk(client):
     with pytest.raises(openai.BadRequestError) as refused:
         spoken("nobody", "wav")
     assert refused.value.body["param"] == "audio.voice"
+
+
+def test_speech_streams_through_the_openai_sdk_as_it_is_generated(client):
+    """A streamed spoken answer, as OpenAI streams one: `delta.audio` with the id once, pcm16 parts (each a whole
+    number of samples and of base64 quanta) leaving while the LLM still writes units, then the transcript; the
+    parts concatenate to the samples of the same answer not streamed. (`min_tokens`: at least 40 units, 1.6 s.)"""
+    question = [{"role": "user", "content": "Say hello."}]
+    options = {"model": MODEL, "messages": question, "modalities": ["text", "audio"],
+               "audio": {"voice": "fkms", "format": "pcm16"}, "max_tokens": 64, "min_tokens": 40, **GREEDY}  # fmt: skip
+    whole = base64.b64decode(client.chat.completions.create(**options).choices[0].message.audio.data)
+    audio, text, finishes = [], [], []
+    for chunk in client.chat.completions.create(**options, stream=True):
+        for choice in chunk.choices:
+            delta = choice.delta
+            if delta.content:
+                text.append(delta.content)
+            if delta.audio is not None:  # the SDK's own type for streamed audio
+                audio.append(delta.audio.model_dump(exclude_none=True))
+            if choice.finish_reason:
+                finishes.append((len(audio), choice.finish_reason))
+    parts = [base64.b64decode(a["data"]) for a in audio if "data" in a]
+    assert audio[0]["id"].startswith("audio_") and all("id" not in a for a in audio[1:])
+    assert len(parts) >= 2 and all(len(p) % 6 == 0 for p in parts[:-1])  # in parts, each whole
+    streamed = np.frombuffer(b"".join(parts), dtype="<i2").astype(int)
+    reference = np.frombuffer(whole, dtype="<i2").astype(int)
+    assert streamed.shape == reference.shape and np.abs(streamed - reference).max() <= 1  # a rounding step at most
+    assert audio[-1]["transcript"] == "".join(text).strip() and audio[-1]["expires_at"] > 0
+    assert finishes == [(len(audio), "stop")]
+
+
+def test_speech_to_speech_in_the_callers_voice(client):
+    """`is_ref_audio` (OmniServe's switch, in `extra_body`) speaks the answer in the voice of the last input audio,
+    through the zero-shot vocoder: the same words as in the default voice, but another voice."""
+    clip = make_audio(2.0, freq=180.0)
+    options = {"modalities": ["text", "audio"], "audio": {"format": "pcm16"}, "max_tokens": 48}
+
+    def spoken(**extra):
+        response = ask(client, [audio(clip), text("Answer me.")], **options, **extra)
+        return np.frombuffer(base64.b64decode(response.choices[0].message.audio.data), dtype="<i2")
+
+    default, cloned = spoken(), spoken(extra_body={"is_ref_audio": True})
+    assert default.shape == cloned.shape and np.abs(default.astype(int) - cloned).mean() > 10
+
+
+IMAGE_TOOL = {"type": "function", "function": {
+    "name": "t2i_model_generation", "description": "Generates an RGB image from discrete image tokens.",
+    "parameters": {"type": "object", "required": ["discrete_image_token"],
+                   "properties": {"discrete_image_token": {"type": "string", "minLength": 1}}}}}  # fmt: skip
+DRAW = {"tools": [IMAGE_TOOL], "tool_choice": {"type": "function", "function": {"name": "t2i_model_generation"}},
+        "max_tokens": 800, "extra_body": {"image": {"steps": 2, "seed": 1}}}  # fmt: skip
+
+
+def drawn(url: str):
+    """The PNG behind a generated image's URL: presigned, in the tests' S3-compatible store (on loopback)."""
+    from PIL import Image
+
+    from hcxserve.models.vision_decoder import VISION_RATIOS
+
+    assert url.startswith("http://127.0.0.1:") and "X-Amz-Signature=" in url
+    response = httpx.get(url, timeout=30, trust_env=False)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(response.content))
+    # the size of one of the ratio table's entries (the embedded decoder's density: ~1:1 is 768 x 768 scaled)
+    ratios = [int(w) / int(h) for w, h in (r.split(":") for r in VISION_RATIOS)]
+    assert picture.format == "PNG" and min(abs(picture.width / picture.height - r) for r in ratios) < 0.03
+    return picture
+
+
+def test_text_to_image_through_the_openai_sdk(client):
+    """A `tool_choice` naming t2i_model_generation: the LLM is held to its image format, the VisionDecoder draws it,
+    and the picture comes back, stored in S3 behind a presigned URL, as OpenRouter's `message.images` and as
+    OmniServe's tool call; streamed, as one `delta.images` chunk with the tool call before the finish. (Image to
+    image: OmniServe's check 7, tests/e2e/test_omniserve_checks.py.)"""
+    response = ask(client, [text("Draw a puppy.")], **DRAW)
+    choice = response.choices[0]
+    (call,) = choice.message.tool_calls
+    url = json.loads(call.function.arguments)["discrete_image_token"]
+    assert choice.finish_reason == "tool_calls" and call.function.name == "t2i_model_generation"
+    (image,) = choice.message.model_extra["images"]
+    assert image["image_url"]["url"] == url
+    first = drawn(url)
+    chunks = list(ask(client, [text("Draw a puppy.")], **DRAW, stream=True))
+    with_image = [c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get("images")]
+    assert len(with_image) == 1 and with_image[0].choices[0].delta.tool_calls[0].function.name == "t2i_model_generation"
+    again = drawn(with_image[0].choices[0].delta.model_extra["images"][0]["image_url"]["url"])
+    assert again.tobytes() == first.tobytes()  # same prompt and seed, same image
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]

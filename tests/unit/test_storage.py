@@ -4,13 +4,10 @@ server in its own process on 127.0.0.1) with presigned URLs and the inline fallb
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,56 +20,22 @@ import pytest
 from hcxserve.config import GatewayConfig, StorageConfig, load_deployment
 from hcxserve.gateway import storage
 from hcxserve.gateway.storage import InlineStore, S3Store, StoredMedia, media_store
+from hcxserve.tooling.testing import S3_ACCESS_KEY, S3_SECRET_KEY
 
-ACCESS_KEY = "AKIDTESTTESTTESTTEST"
-SECRET_KEY = "test-secret-do-not-log-0123456789"
+ACCESS_KEY, SECRET_KEY = S3_ACCESS_KEY, S3_SECRET_KEY
 BUCKET = "media"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def moto_endpoint(tmp_path_factory):
-    """moto's S3 server as a subprocess on 127.0.0.1 with bucket `media`; yields its endpoint URL. Proxy variables
-    are cleared for the module, so no request here leaves the loopback interface."""
+def moto_endpoint(s3_store):
+    """moto's S3 server (tests/conftest.py) with bucket `media`; proxy variables are cleared for the module, so no
+    request here leaves the loopback interface."""
     with pytest.MonkeyPatch.context() as patch:
         for name in _PROXY_VARS:
             patch.delenv(name, raising=False)
-        port = _free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        log = (tmp_path_factory.mktemp("moto") / "server.log").open("wb")
-        env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert server.poll() is None, f"moto server exited ({server.returncode}), see {log.name}"
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{endpoint}/moto-api/", timeout=1, trust_env=False).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, f"moto server not answering on {endpoint}, see {log.name}"
-                time.sleep(0.1)
-            _admin_client(endpoint).create_bucket(Bucket=BUCKET)
-            yield endpoint
-        finally:
-            server.terminate()
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            log.close()
+        yield s3_store.url
 
 
 def _admin_client(endpoint: str):
