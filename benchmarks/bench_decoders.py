@@ -12,7 +12,7 @@
    request). Closed-loop clients (httpx) send one request per call, `c` in flight, a fixed number per measurement;
    rounds alternate between the two servers; items/s is the median over rounds, latency the p50 over all requests
    of a level; failed requests (an error status or a refused item) are counted and left out of items/s.
-   Audio: 5 s of speech per request (125 random units in [0, 6561), `format: wav`, the default voice); every
+   Audio: 5 s of speech per request (125 random units of the 6561, `format: wav`, the default voice); every
    request has the same number of units, because the decoder batches only requests of equal length. Vision: ratio
    1:1, 729 random codes in [0, codebook) with fixed seeds, `--vision-steps` denoising steps; then, on the
    batching server at c=1, the latency of one image per step count (`--step-counts`).
@@ -60,7 +60,6 @@ from hcxserve.tooling.testing import ServedProcess, config_env, free_port, serve
 
 MODEL = "track_b_model"
 UNITS_PER_SECOND = 25  # CosyVoice units
-AUDIO_UNITS = 6561  # the unit vocabulary (`ad/*/config.json` num_units)
 PROMPT = "Tell me about the sea, the wind and the boats in the harbour."
 STARTED: list[ServedProcess] = []  # every server this run started, stopped at the end whatever happens
 SERVED_BYTES: dict[Path, int] = {}  # per log: its size when the server was asked to stop (the rest is shutdown)
@@ -85,11 +84,13 @@ DECODERS = {
 }
 
 
-def codebook_size() -> int:
-    """The vision decoder's codebook (`vd/token_embedder/config.json` vocab_size)."""
+def vocabularies() -> tuple[int, int]:
+    """The audio decoder's unit vocabulary (`ad/finetuned/config.json` num_units) and the vision decoder's codebook
+    (`vd/token_embedder/config.json` vocab_size), as the embedded models have them."""
     config = load_track("b")
-    path = config.component_dir(config.components.vision_decoder.folder) / "token_embedder" / "config.json"
-    return int(json.loads(path.read_text())["vocab_size"])
+    ad = config.component_dir(config.components.audio_decoder.folder) / "finetuned" / "config.json"
+    vd = config.component_dir(config.components.vision_decoder.folder) / "token_embedder" / "config.json"
+    return int(json.loads(ad.read_text())["num_units"]), int(json.loads(vd.read_text())["vocab_size"])
 
 
 def request_pool(decoder: Decoder, args: argparse.Namespace, n: int = 8) -> list[bytes]:
@@ -98,7 +99,7 @@ def request_pool(decoder: Decoder, args: argparse.Namespace, n: int = 8) -> list
     bodies = []
     for i in range(n):
         if decoder.key == "audio":
-            units = rng.integers(0, AUDIO_UNITS, args.audio_units).tolist()
+            units = rng.integers(0, args.units, args.audio_units).tolist()
             request = {"units": units, "format": "wav"}
         else:
             codes = rng.integers(0, args.codebook, 729).tolist()
@@ -326,9 +327,10 @@ def decoder_section(run: dict, args: argparse.Namespace) -> list[str]:
     decoder: Decoder = run["decoder"]
     res, comp = run["results"], run["component"]
     if decoder.key == "audio":
-        item = (f"{args.audio_units} random units in [0, {AUDIO_UNITS}) ({args.audio_units / UNITS_PER_SECOND:g} s "
-                "of speech), `format: wav`, the default voice; every request has the same number of units (the "
-                "decoder batches only requests of equal length: padding would change the last samples)")  # fmt: skip
+        item = (f"{args.audio_units} random units in [0, {args.units}) (the embedded vocabulary), "
+                f"{args.audio_units / UNITS_PER_SECOND:g} s of speech, `format: wav`, the default voice; every "
+                "request has the same number of units (the decoder batches only requests of equal length: padding "
+                "would change the last samples)")  # fmt: skip
     else:
         item = (f"ratio 1:1, 729 random codes in [0, {args.codebook}) (the embedded codebook), seeds 0-7, "
                 f"{args.vision_steps} steps, guidance {comp['batching'].guidance_scale} (config)")  # fmt: skip
@@ -513,7 +515,7 @@ def main() -> None:
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.step_counts = [int(n) for n in args.step_counts.split(",")]
     DECODERS["audio"].items, DECODERS["vision"].items = args.audio_items, args.vision_items
-    args.codebook = codebook_size()
+    args.units, args.codebook = vocabularies()
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", "benchmarks/bench_decoders.py", *sys.argv[1:]])

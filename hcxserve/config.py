@@ -228,6 +228,11 @@ class MediaConfig(_Section):
         default_factory=lambda: ["wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "webm", "mp4"],
         description="`input_audio.format` values accepted (mp4/webm: the sound track of a video file).",
     )
+    video_sound: bool = Field(
+        True,
+        description="Hear a video file's sound track as well as see it, on tracks that take audio (a video part's "
+        "`sound: false` turns it off for that video).",
+    )
     max_image_aspect_ratio: PositiveFloat = Field(200.0, description="Longest side over shortest (the ViT's bound).")
     min_audio_seconds: PositiveFloat = Field(0.1, description="Shortest clip (the encoder makes a row per 40 ms).")
     allow_remote_media: bool = Field(True, description="Fetch http(s) media URLs at all (off: inline data only).")

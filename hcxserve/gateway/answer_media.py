@@ -24,6 +24,7 @@ from hcxserve.gateway.responses import build_chunk
 from hcxserve.gateway.speech import SpeechOptions, SpokenAnswer
 from hcxserve.gateway.storage import MediaStore
 from hcxserve.protocol.openai import (
+    IMAGE_TOOL,
     AudioDelta,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -142,6 +143,10 @@ class AnswerMedia:
         `message.images` (and tool calls when the request declared the image tool)."""
         for choice in response.choices:
             media = self._choice(choice.index)
+            for call in choice.message.tool_calls:
+                if call.function.name == IMAGE_TOOL and media.make_images is not None:
+                    media.images = media.images or media.make_images()
+                    media.images.add_tool_call(call)
             text = media.feed(choice.message.content or "")
             text += media.end(choice.finish_reason)
             if media.speech is not None or media.images is not None:

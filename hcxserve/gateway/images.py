@@ -18,7 +18,7 @@ from typing import Any
 
 from hcxserve.config import VisionDecoderConfig
 from hcxserve.gateway.components import ComponentCall, call_component
-from hcxserve.gateway.output_parser import ImageTokens
+from hcxserve.gateway.output_parser import ImageTokens, OmniOutputParser
 from hcxserve.gateway.speech import hold_to_format
 from hcxserve.gateway.storage import MediaStore
 from hcxserve.protocol.errors import InvalidRequestError, UpstreamError
@@ -59,12 +59,13 @@ class DrawnImages:
         self.guidance_scale = options.guidance_scale if options else None
         self.seed = options.seed if options and options.seed is not None else request.seed
         self.as_tool_call = request.declares_image_tool()
-        self.tasks: dict[asyncio.Future, int] = {}  # drawing -> the image's index
+        self.tasks: dict[asyncio.Future, tuple[int, ToolCall | None]] = {}  # drawing -> image index, model's call
         self.images: list[ImageOutput] = []
         self.tool_calls: list[ToolCall] = []
         self._count = first_index
 
-    def add(self, block: ImageTokens) -> None:
+    def add(self, block: ImageTokens, *, call: ToolCall | None = None) -> None:
+        """Draw a block; `call`: the model's own tool call that holds it, whose arguments become the image's URL."""
         if not block.complete or block.ratio is None or not block.codes:
             logger.warning("the model's image block is incomplete (%d codes); it is not drawn", len(block.codes))
             return
@@ -75,16 +76,30 @@ class DrawnImages:
             guidance_scale=self.guidance_scale,
             seed=self.seed,
         )
-        self.tasks[asyncio.ensure_future(self._draw(request))] = self._count
+        self.tasks[asyncio.ensure_future(self._draw(request))] = (self._count, call)
         self._count += 1
 
+    def add_tool_call(self, call: ToolCall) -> None:
+        """The model called the image tool itself (vLLM's tool parser made the call): draw the block its
+        `discrete_image_token` holds, as OmniServe does."""
+        try:
+            tokens = json.loads(call.function.arguments)["discrete_image_token"]
+        except (ValueError, TypeError, KeyError):
+            return  # not the form the tool takes: left as the model wrote it
+        parser = OmniOutputParser()
+        for event in [*parser.feed(str(tokens)), *parser.finish()]:
+            if isinstance(event, ImageTokens):
+                self.add(event, call=call)
+                return
+
     def collect(self, task: asyncio.Future) -> tuple[ImageOutput, ToolCall | None]:
-        index = self.tasks.pop(task)
+        index, call = self.tasks.pop(task)
         image = ImageOutput(index=index, image_url=ImageURL(url=task.result()))
         self.images.append(image)
-        call = None
-        if self.as_tool_call:
-            arguments = json.dumps({"discrete_image_token": image.image_url.url})
+        arguments = json.dumps({"discrete_image_token": image.image_url.url})
+        if call is not None:  # the model's own call: its arguments now name the image
+            call.function.arguments = arguments
+        elif self.as_tool_call:
             call = ToolCall(
                 id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=IMAGE_TOOL, arguments=arguments)
             )

@@ -346,7 +346,31 @@ class MediaInputs:
             media.parts.update(parts)
             if isinstance(modality, Audio) and inputs:
                 media.last_audio = inputs[max(inputs)].data
+            if isinstance(modality, Videos):
+                media.sound = await self._sound_tracks(found[modality], inputs)
         return media
+
+    async def _sound_tracks(self, refs: list[MediaRef], inputs: dict) -> dict[tuple[int, int], dict[str, Any]]:
+        """The audio encoder's part for the sound track of each video file that has one (heard as well as seen;
+        the encoder compresses a video's sound track with its MambaMia compressor). A video without sound, or
+        whose sound the encoder refuses (too short, too long), is seen only."""
+        audio = next((m for m in self.modalities if isinstance(m, Audio)), None)
+        heard = [ref for ref in refs if inputs[ref.key].data is not None
+                 and (ref.content.sound if ref.content.sound is not None else self.media.video_sound)]  # fmt: skip
+        if audio is None or not heard:
+            return {}
+        clips = [AudioInput(data=inputs[ref.key].data, max_seconds=self.media.max_audio_seconds,
+                            min_seconds=self.media.min_audio_seconds) for ref in heard]  # fmt: skip
+        parts = {}
+        for ref, result in zip(heard, await self._call(audio, clips)):
+            if result.error is not None or result.embedding is None:
+                logger.debug("%s: no sound track heard (%s)", ref.param, result.error)
+                continue
+            if not audio.well_formed(result.embedding):
+                logger.error("audio encoder returned malformed features for %s's sound", ref.param)
+                raise UpstreamError("The audio encoder returned malformed features.")
+            parts[ref.key] = audio.upstream_part(result.embedding)
+        return parts
 
     async def _embed(self, modality: Modality, refs: list[MediaRef]) -> tuple[Modality, dict, dict]:
         inputs = await asyncio.gather(*(modality.prepare(ref) for ref in refs))
@@ -375,11 +399,12 @@ class MediaInputs:
 
 @dataclass
 class EncodedMedia:
-    """A request's media as vLLM takes them, by (message, part), and the last input audio's bytes (the voice a
-    spoken answer may clone)."""
+    """A request's media as vLLM takes them, by (message, part): each part's, the sound track of a video part (its
+    own part, right after the video's), and the last input audio's bytes (the voice a spoken answer may clone)."""
 
     parts: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
     last_audio: bytes | None = None
+    sound: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)  # a video's sound track, after it
 
 
 def _embedding_of(ref: MediaRef, result: Any) -> Any:

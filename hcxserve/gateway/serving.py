@@ -18,7 +18,7 @@ from hcxserve.gateway.components import ComponentCall
 from hcxserve.gateway.images import ask_for_image, check_image_request
 from hcxserve.gateway.limits import check_limits
 from hcxserve.gateway.llm_client import LLMClient
-from hcxserve.gateway.modalities import MediaInputs
+from hcxserve.gateway.modalities import EncodedMedia, MediaInputs
 from hcxserve.gateway.responses import SSE_DONE, build_chunk, build_response, sse_error, sse_event
 from hcxserve.gateway.speech import ask_for_speech, check_speech_request, check_voice, transcript_of
 from hcxserve.gateway.storage import InlineStore, MediaStore
@@ -105,15 +105,17 @@ class ChatCompletionServing:
         audio_decoder, vision_decoder = self.decoders["audio_decoder"], self.decoders["vision_decoder"]
         if request.wants_speech():
             check_speech_request(request, audio_decoder, self.track.track)
-            await check_voice(request.audio.voice if request.audio else None, await self._named_voices())
+            check_voice(request.audio.voice if request.audio else None, await self._named_voices())
         if request.wants_image():
             check_image_request(request, vision_decoder, self.track.track)
         encoded = await self.media.embed(request)
-        body = self._upstream_body(request, encoded.parts)
+        body = self._upstream_body(request, encoded)
         if request.wants_speech():
             ask_for_speech(body, audio_decoder)
         elif request.wants_image():
             ask_for_image(body)
+        elif vision_decoder is not None and request.declares_image_tool():
+            body["skip_special_tokens"] = False  # the model may call the tool: its image tokens must reach us
         media = None
         if (audio_decoder or vision_decoder) and self.components is not None:
             media = AnswerMedia(
@@ -156,14 +158,16 @@ class ChatCompletionServing:
         )
 
     # ------------------------------------------------------------------------------------------ upstream request
-    def _upstream_body(self, request: ChatCompletionRequest, embeddings: dict[tuple[int, int], Any]) -> dict[str, Any]:
+    def _upstream_body(self, request: ChatCompletionRequest, encoded: EncodedMedia) -> dict[str, Any]:
         messages = []
         for i, message in enumerate(request.messages):
             out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
             if isinstance(message.content, list):
-                out["content"] = [
-                    self._upstream_part(part, embeddings.get((i, j))) for j, part in enumerate(message.content)
-                ]
+                out["content"] = []
+                for j, part in enumerate(message.content):
+                    out["content"].append(self._upstream_part(part, encoded.parts.get((i, j))))
+                    if (i, j) in encoded.sound:
+                        out["content"].append(encoded.sound[(i, j)])
             else:
                 out["content"] = message.content
             if message.audio is not None and message.content is None:

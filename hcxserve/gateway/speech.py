@@ -75,7 +75,7 @@ def check_speech_request(request: ChatCompletionRequest, decoder: AudioDecoderCo
         )
 
 
-async def check_voice(voice: str | None, voices: list[str]) -> None:
+def check_voice(voice: str | None, voices: list[str]) -> None:
     """A named voice must be one of the decoder's: refused before the LLM runs, not after."""
     if voice is not None and voice not in voices:
         known = ", ".join(voices) or "none: this decoder takes only a reference clip's voice"

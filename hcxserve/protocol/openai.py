@@ -59,6 +59,7 @@ class ImagePart(_Strict):
 class _VideoOptions(_Strict):
     fps: float | None = Field(None, gt=0, le=30, description="Frames sampled per second (capped by the server).")
     max_pixels: int | None = Field(None, ge=784, description="Pixel budget per frame (capped by the server).")
+    sound: bool | None = Field(None, description="Hear the video file's sound track too (None: the server's choice).")
 
 
 class VideoURLPart(_VideoOptions):

@@ -120,3 +120,31 @@ def test_a_refused_drawing_is_a_502_without_internals():
     assert response.status_code == 502 and response.json()["error"]["message"] == (
         "The vision decoder could not draw the model's image."
     )
+
+
+def tool_call(id_: str, arguments: str) -> dict:
+    return {"id": id_, "type": "function", "function": {"name": "t2i_model_generation", "arguments": arguments}}
+
+
+def test_the_models_own_tool_call_is_drawn_and_its_arguments_name_the_image():
+    # the real model calls the tool (vLLM's tool parser turns its output into the call), as in OmniServe's check 6
+    call = tool_call("chatcmpl-tool-1", json.dumps({"discrete_image_token": BLOCK}))
+    with gateway("b") as gw:
+        gw.llm.reply = completion(None, tool_calls=[call])
+        gw.llm.reply["choices"][0]["finish_reason"] = "tool_calls"
+        choice = gw.chat(ask(tools=[TOOL])).json()["choices"][0]
+        assert gw.llm.body["skip_special_tokens"] is False  # the tokens in the call reach the gateway
+        assert "vllm_xargs" not in gw.llm.body  # not asked: the model decides
+    (only,) = choice["message"]["tool_calls"]
+    assert only["id"] == "chatcmpl-tool-1"
+    assert json.loads(only["function"]["arguments"]) == {"discrete_image_token": png_url()}
+    assert choice["message"]["images"][0]["image_url"]["url"] == png_url() and choice["finish_reason"] == "tool_calls"
+
+
+def test_a_tool_call_without_an_image_block_is_left_as_written():
+    calls = [tool_call("c1", "not json"), tool_call("c2", json.dumps({"discrete_image_token": "a dog"}))]
+    with gateway("b") as gw:
+        gw.llm.reply = completion(None, tool_calls=calls)
+        message = gw.chat(ask(tools=[TOOL])).json()["choices"][0]["message"]
+        assert gw.tracks["b"].drawing.requests == []
+    assert [c["function"]["arguments"] for c in message["tool_calls"]] == [c["function"]["arguments"] for c in calls]

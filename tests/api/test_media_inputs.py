@@ -211,7 +211,7 @@ def test_track_b_image_without_codes_never_reaches_the_llm():
 # ---------------------------------------------------------------------------------------------- videos
 @pytest.mark.parametrize("track", ["a", "b"])
 def test_video_file_by_url_and_data_url(track):
-    with gateway(track) as gw:
+    with gateway(track, **{"media.video_sound": False}) as gw:
         gw.web.pages["https://vid.test/clip.mp4"] = b"mp4 bytes"
         response = gw.chat(
             user(video_url("https://vid.test/clip.mp4"), video_url(data_url(b"webm", "video/webm")), text())
@@ -227,11 +227,11 @@ def test_video_file_by_url_and_data_url(track):
 @pytest.mark.parametrize("track", ["a", "b"])
 def test_a_video_in_an_image_url_part_is_a_video(track):
     # OmniServe's check 8 sends its mp4 as an image_url part
-    with gateway(track) as gw:
+    with gateway(track, **{"media.video_sound": False}) as gw:
         gw.web.pages["https://vid.test/sample-5s.MP4?x=1"] = b"mp4 bytes"
         gw.web.pages["https://img.test/red.png"] = PNG
-        response = gw.chat(user(image_url("https://vid.test/sample-5s.MP4?x=1"), image_url(data_url(b"webm", "video/webm")),
-                                image_url("https://img.test/red.png")))  # fmt: skip
+        parts = [image_url("https://vid.test/sample-5s.MP4?x=1"), image_url(data_url(b"webm", "video/webm"))]
+        response = gw.chat(user(*parts, image_url("https://img.test/red.png")))
         assert response.status_code == 200, response.text
         assert [v.data for v in gw.vision.videos] == [b"mp4 bytes", b"webm"] and len(gw.vision.images) == 1
         parts = gw.llm.body["messages"][0]["content"]
@@ -396,8 +396,41 @@ def test_images_videos_and_audio_in_one_request_keep_their_places():
         assert gw.chat(body).status_code == 200
         sent = gw.llm.body["messages"]
     assert [p["type"] for p in sent[1]["content"]] == ["audio_embeds", "text", "image_embeds"]
-    assert [p["type"] for p in sent[2]["content"]] == ["video_embeds", "audio_embeds"]
-    assert sent[2]["content"][1]["audio_embeds"]["audio_embeds"] == "AUD1"
+    # the video's sound track right after it (encoded after the clips: AUD2), then the clip
+    assert [p["type"] for p in sent[2]["content"]] == ["video_embeds", "audio_embeds", "audio_embeds"]
+    assert [p["audio_embeds"]["audio_embeds"] for p in sent[2]["content"][1:]] == ["AUD2", "AUD1"]
+
+
+def test_a_video_files_sound_track_is_heard_as_well_as_seen():
+    with gateway("b") as gw:
+        gw.web.pages["https://vid.test/a.mp4"] = b"video with sound"
+        gw.web.pages["https://img.test/f0.png"] = PNG
+        frames = {"type": "video", "video": ["https://img.test/f0.png"] * 4}
+        body = user(video_url("https://vid.test/a.mp4"), frames, text())
+        assert gw.chat(body).status_code == 200
+        parts = gw.llm.body["messages"][0]["content"]
+        # the file's sound goes to the audio encoder as a video's (it compresses it); a frame list has none
+        assert [p["type"] for p in parts] == ["video_embeds", "audio_embeds", "video_embeds", "text"]
+        assert [c.data for c in gw.audio.clips] == [b"video with sound"]
+        # a second turn with the same video: both encodings come from the caches
+        assert gw.chat(body).status_code == 200 and len(gw.audio.clips) == 1 and len(gw.vision.videos) == 2
+
+
+@pytest.mark.parametrize("overrides, option", [({}, {"sound": False}), ({"media.video_sound": False}, {})])
+def test_sound_is_switched_off_per_video_or_per_deployment(overrides, option):
+    with gateway("b", **overrides) as gw:
+        gw.web.pages["https://vid.test/a.mp4"] = b"video with sound"
+        assert gw.chat(user(video_url("https://vid.test/a.mp4", **option))).status_code == 200
+        assert [p["type"] for p in gw.llm.body["messages"][0]["content"]] == ["video_embeds"]
+        assert gw.audio.clips == []
+
+
+def test_a_video_without_sound_is_seen_only():
+    with gateway("b") as gw:
+        gw.web.pages["https://vid.test/mute.mp4"] = b"silent film"
+        gw.audio.results = lambda items: [AudioEncoding(error="the video file has no sound track")] * len(items)
+        assert gw.chat(user(video_url("https://vid.test/mute.mp4"))).status_code == 200
+        assert [p["type"] for p in gw.llm.body["messages"][0]["content"]] == ["video_embeds"]
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,19 @@ def test_m4a_audio_and_a_video_files_sound_track(client):
     assert 45 <= rows <= 50, (m4a.usage.prompt_tokens, from_video.usage.prompt_tokens)
 
 
+def test_a_video_is_heard_as_well_as_seen(client):
+    """A video_url with a sound track: its sound reaches the LLM too (an audio part after the video's: the compressed
+    rows and the codes), unless the part says `sound: false`."""
+    video = data_url(make_av_media("mp4", "aac", seconds=2.0, video=True), "video/mp4")
+
+    def prompt_tokens(**option) -> int:
+        part = {"type": "video_url", "video_url": {"url": video}, **option}
+        return ask(client, [part, text("Hi")], extra_body=NO_REASONING).usage.prompt_tokens
+
+    heard, seen = prompt_tokens(), prompt_tokens(sound=False)
+    assert 50 <= heard - seen <= 60, (heard, seen)  # 2 compressed rows + 50 codes + the audio markers
+
+
 def test_everything_in_one_request_streams_like_it_answers(client, media_server):
     base, root = media_server
     content = [
