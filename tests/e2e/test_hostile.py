@@ -145,8 +145,9 @@ MEDIA = {
     "video-frames-differ": parts({"type": "video", "video": [data_url(PNG), data_url(make_png(32, 32))]}),
     "video-frame-garbage": parts({"type": "video", "video": [data_url(b"nope")]}),
     "video-frames-pixels": parts({"type": "video", "video": [data_url(_saved("PNG", (7000, 7000), "1"))] * 2}),
-    "video-fps-zero": parts({"type": "video_url", "video_url": {"url": data_url(make_video(1), "video/mp4")},
-                             "fps": 0}),  # fmt: skip
+    "video-fps-zero": parts(
+        {"type": "video_url", "video_url": {"url": data_url(make_video(1), "video/mp4")}, "fps": 0}
+    ),  # fmt: skip
     "video-many": parts(*[{"type": "video_url", "video_url": {"url": data_url(b"v", "video/mp4")}}] * 10),
 }
 AUDIO_ON_B = {

@@ -139,6 +139,7 @@ def passes(body: dict, criterion: str) -> bool:
         token = json.loads(message["tool_calls"][0]["function"]["arguments"])["discrete_image_token"]
         if not token.startswith(("s3://", "http")):
             return False
+        assert message["images"][0]["image_url"]["url"] == token  # OpenRouter's form too
         from PIL import Image
 
         fetched = httpx.get(token, timeout=30, trust_env=False)  # the presigned URL, on the tests' loopback store
