@@ -186,6 +186,7 @@ async def bench_decoder(decoder: Decoder, args: argparse.Namespace, env: dict[st
             for c in args.concurrency:
                 await closed_loop(server.url, bodies, c, c if decoder.key == "vision" else max(2 * c, 8))
         results: dict[str, dict[int, Level]] = {s.mode: {c: Level() for c in args.concurrency} for s in servers}
+        load: list[float] = []  # the 1-min load average after each measurement
         for r in range(args.rounds):
             for c in args.concurrency:
                 for server in servers if r % 2 == 0 else servers[::-1]:
@@ -194,6 +195,7 @@ async def bench_decoder(decoder: Decoder, args: argparse.Namespace, env: dict[st
                     level.rates.append(rate)
                     level.latencies += latencies
                     level.failed += failed
+                    load.append(os.getloadavg()[0])
             print(f"  {decoder.key}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         steps = {}
         if decoder.key == "vision":
@@ -203,6 +205,7 @@ async def bench_decoder(decoder: Decoder, args: argparse.Namespace, env: dict[st
                 await closed_loop(batching.url, timed, 1, 1)
                 _, latencies, failed = await closed_loop(batching.url, timed, 1, args.step_reps)
                 steps[n] = (latencies, failed)
+                load.append(os.getloadavg()[0])
             print("  vision: step counts done", file=sys.stderr, flush=True)
         return {
             "decoder": decoder,
@@ -212,6 +215,7 @@ async def bench_decoder(decoder: Decoder, args: argparse.Namespace, env: dict[st
             "output": output,
             "ready_s": {s.mode: s.proc.ready_after_s for s in servers},
             "logs": [s.log for s in servers],
+            "load": load,
         }
     finally:
         for server in servers:
@@ -280,7 +284,7 @@ async def bench_stream(args: argparse.Namespace, log_dir: Path) -> dict:
         async with httpx.AsyncClient(timeout=900, headers=bento.headers) as client:
             await whole(client, url, chat_body(args, False))  # warm-up: both paths once
             await streamed(client, url, chat_body(args, True))
-            runs, wholes, tokens = [], [], 0
+            runs, wholes, tokens, load = [], [], 0, []
             for rep in range(args.stream_reps):
                 for stream in (False, True) if rep % 2 == 0 else (True, False):
                     if stream:
@@ -288,10 +292,11 @@ async def bench_stream(args: argparse.Namespace, log_dir: Path) -> dict:
                     else:
                         elapsed, pcm, tokens = await whole(client, url, chat_body(args, False))
                         wholes.append((elapsed, pcm))
+                    load.append(os.getloadavg()[0])
             print("  stream: done", file=sys.stderr, flush=True)
     finally:
         stop(bento)
-    return {"runs": runs, "wholes": wholes, "tokens": tokens, "ready_s": ready, "logs": [log]}
+    return {"runs": runs, "wholes": wholes, "tokens": tokens, "ready_s": ready, "logs": [log], "load": load}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -323,6 +328,11 @@ def log_errors(logs: list[Path]) -> list[str]:
     return lines
 
 
+def load_line(load: list[float]) -> str:
+    return (f"- 1-min load average during the measurements: median {p50(load):.1f}, max {max(load):.1f} "
+            f"({os.cpu_count()} cores: above that, other work shared the machine)")  # fmt: skip
+
+
 def decoder_section(run: dict, args: argparse.Namespace) -> list[str]:
     decoder: Decoder = run["decoder"]
     res, comp = run["results"], run["component"]
@@ -343,6 +353,9 @@ def decoder_section(run: dict, args: argparse.Namespace) -> list[str]:
         f"{comp['batching'].max_latency_ms}` (config); batch size 1: `{decoder.section}.max_batch_size=1` "
         f"(batching off); {decoder.items} requests per measurement; ready after "
         f"{run['ready_s']['bs1']:.0f} s / {run['ready_s']['batching']:.0f} s",
+        "- Failed requests: answered with an error, e.g. the 503 BentoML's dispatcher gives a call it expects not to "
+        "finish within `max_latency_ms` (the entry passes it on as a 500)",
+        load_line(run["load"]),
         "",
         "| concurrency | batch size 1: items/s | batch size 1: p50 ms | batching: items/s | batching: p50 ms "
         "| batching / batch size 1 | failed requests (bs1 / batching) |",
@@ -414,6 +427,7 @@ def stream_section(run: dict, args: argparse.Namespace) -> list[str]:
         f"24 kHz, ~{seconds * UNITS_PER_SECOND:.0f} units) in {p50([r['parts'] for r in runs]):.0f} streamed pcm16 "
         f"parts; the streamed samples are the non-streamed answer's (to a rounding step) in every repetition: "
         f"{'yes' if same else 'NO'}",
+        load_line(run["load"]),
         "",
         "| measure | p50 (s) | min (s) | max (s) |",
         "| --- | ---: | ---: | ---: |",

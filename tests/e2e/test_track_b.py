@@ -417,12 +417,13 @@ def drawn(url: str):
     return picture
 
 
-def test_text_to_image_streams_through_the_openai_sdk(client):
+def test_image_to_image_streams_through_the_openai_sdk(client):
     """A `tool_choice` naming t2i_model_generation: the LLM is held to its image format, the VisionDecoder draws it,
     and the picture, stored in S3 behind a presigned URL, arrives as one `delta.images` chunk (OpenRouter's form)
-    with OmniServe's tool call, before the finish. (Not streamed, and image to image: OmniServe's checks 6 and 7,
-    tests/e2e/test_omniserve_checks.py.)"""
-    chunks = list(ask(client, [text("Draw a puppy.")], **DRAW, stream=True))
+    with OmniServe's tool call, before the finish. (Not streamed, text to image and image to image: OmniServe's
+    checks 6 and 7, tests/e2e/test_omniserve_checks.py.)"""
+    picture = data_url(make_png(64, 48, (200, 30, 30)), "image/png")
+    chunks = list(ask(client, [image_url(picture), text("Make it a cartoon.")], **DRAW, stream=True))
     with_image = [c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get("images")]
     assert len(with_image) == 1
     delta = with_image[0].choices[0].delta
