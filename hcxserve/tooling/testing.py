@@ -75,7 +75,11 @@ def serve_bento(
     overrides = {**{f"{t}.llm.port": p for t, p in llm_ports.items()}, **(overrides or {})}
     if api_key is not None:
         overrides["auth.api_keys"] = api_key
-    env = serve_env(**config_env(overrides))
+    # a home of its own: every `bentoml serve` empties its home's Prometheus multiprocess folder at start, so a second
+    # bento on the machine (a benchmark beside the tests) would otherwise wipe this one's metrics
+    home = log_path.parent / f"{log_path.stem}.bentoml_home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = serve_env(**config_env(overrides), BENTOML_HOME=str(home))
     server = ServedProcess(
         [
             str(Path(sys.executable).parent / "bentoml"),
