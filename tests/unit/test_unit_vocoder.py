@@ -24,19 +24,13 @@ from hcxserve.models.unit_vocoder import (
     UnitVocoderConfig,
     UnknownSpeakerError,
 )
+from tests.unit.ckpt_factory import VOCODER
 
+# the tests' small vocoder with blocks of unequal depth: the stage's delay is the deeper one's
 GENERATOR = {
-    "num_units": 50,
-    "unit_emb_dim": 8,
-    "spk_emb_dim": 6,
-    "upsample_rates": [10, 8, 12],
-    "upsample_kernel_sizes": [20, 16, 24],
-    "upsample_initial_channel": 16,
-    "resblock": "1",
+    **VOCODER,
     "resblock_kernel_sizes": [3, 5],
-    "resblock_dilation_sizes": [[1, 3], [1]],  # blocks of unequal depth: the stage's delay is the deeper one's
-    "activation": "snakebeta",
-    "snake_logscale": True,
+    "resblock_dilation_sizes": [[1, 3], [1]],
     "segment_size": 8192,  # a training key, ignored
 }
 FINETUNED = {**GENERATOR, "finetune": True, "num_spk": 5}
