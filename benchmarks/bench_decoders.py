@@ -54,7 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_encoders import Level, machine, publish  # noqa: E402
+from benchmarks.bench_encoders import Level, batching_table, machine, publish  # noqa: E402
 from hcxserve.config import dotted_overrides, load_track  # noqa: E402
 from hcxserve.tooling.testing import ServedProcess, config_env, free_port, serve_bento, serve_env  # noqa: E402
 
@@ -357,16 +357,8 @@ def decoder_section(run: dict, args: argparse.Namespace) -> list[str]:
         "finish within `max_latency_ms` (the entry passes it on as a 500)",
         load_line(run["load"]),
         "",
-        "| concurrency | batch size 1: items/s | batch size 1: p50 ms | batching: items/s | batching: p50 ms "
-        "| batching / batch size 1 | failed requests (bs1 / batching) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for c in args.concurrency:
-        bs1, bat = res["bs1"][c], res["batching"][c]
-        lines.append(
-            f"| {c} | {bs1.rate:.2f} | {bs1.p50_ms:.0f} | {bat.rate:.2f} | {bat.p50_ms:.0f} "
-            f"| {bat.rate / bs1.rate:.2f}x | {bs1.failed} / {bat.failed} |"
-        )
+    lines += batching_table(res, args.concurrency, rate=".2f", ms=".0f")
     top, low = max(args.concurrency), min(args.concurrency)
     lines += [
         "",

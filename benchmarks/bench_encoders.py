@@ -222,6 +222,22 @@ async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[st
             server.proc.stop()
 
 
+def batching_table(res: dict, concurrency: list[int], *, rate: str = ".1f", ms: str = ".1f") -> list[str]:
+    """The markdown table of a component served with and without batching: items/s, p50 and failures per level."""
+    lines = [
+        "| concurrency | batch size 1: items/s | batch size 1: p50 ms | batching: items/s | batching: p50 ms "
+        "| batching / batch size 1 | failed requests (bs1 / batching) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in concurrency:
+        bs1, bat = res["bs1"][c], res["batching"][c]
+        lines.append(
+            f"| {c} | {bs1.rate:{rate}} | {bs1.p50_ms:{ms}} | {bat.rate:{rate}} | {bat.p50_ms:{ms}} "
+            f"| {bat.rate / bs1.rate:.2f}x | {bs1.failed} / {bat.failed} |"
+        )
+    return lines
+
+
 def publish(lines: list[str], out: str | Path | None) -> None:
     """A benchmark's markdown report: printed, and written to `out` when given (benchmarks/results/...)."""
     text = "\n".join(lines) + "\n"
@@ -296,16 +312,8 @@ def render(runs: list[dict], args: argparse.Namespace, env: dict[str, str], comm
             f"`{encoder.section}.threads={run['threads']}`; "
             f"{encoder.items} items per measurement",
             "",
-            "| concurrency | batch size 1: items/s | batch size 1: p50 ms | batching: items/s | batching: p50 ms "
-            "| batching / batch size 1 | failed requests (bs1 / batching) |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for c in args.concurrency:
-            bs1, bat = res["bs1"][c], res["batching"][c]
-            lines.append(
-                f"| {c} | {bs1.rate:.1f} | {bs1.p50_ms:.1f} | {bat.rate:.1f} | {bat.p50_ms:.1f} "
-                f"| {bat.rate / bs1.rate:.2f}x | {bs1.failed} / {bat.failed} |"
-            )
+        lines += batching_table(res, args.concurrency)
         top, low = max(args.concurrency), min(args.concurrency)
         vs_top = res["batching"][top].rate / res["bs1"][top].rate
         vs_low = res["batching"][top].rate / res["bs1"][low].rate
