@@ -93,3 +93,23 @@ def metric(server, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+def drawn(url: str):
+    """The PNG behind a generated image's URL (presigned, in the tests' S3-compatible store on loopback), checked to
+    be at the exact size of one of the ratio table's entries: the size its ratio token asked for."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from hcxserve.models.vision_decoder import VISION_RATIOS, size_for_ratio
+
+    assert url.startswith("http://127.0.0.1:") and "X-Amz-Signature=" in url
+    response = httpx.get(url, timeout=30, trust_env=False)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(response.content))
+    assert picture.format == "PNG"
+    assert picture.size in {size_for_ratio(ratio) for ratio in VISION_RATIOS}, picture.size
+    picture.load()  # the pixels decode, not just the header
+    return picture

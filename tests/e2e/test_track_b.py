@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import data_url, make_audio, make_av_media, make_png, make_video
-from tests.e2e.helpers import CONTENT_CHANGE, GREEDY, MODELS, SAME_INPUT, client_for, logprob_distance
+from tests.e2e.helpers import CONTENT_CHANGE, GREEDY, MODELS, SAME_INPUT, client_for, drawn, logprob_distance
 
 pytestmark = pytest.mark.e2e
 
@@ -165,8 +165,6 @@ def test_everything_in_one_request_streams_like_it_answers(client, media_server)
 def test_discrete_codes_enter_the_prompt_as_unit_tokens(server, track_b_model_dir):
     """Straight at the LLM component's vLLM: codes become `unit_0 + code` token ids (not raw ids, OmniServe's
     bug) between their block markers, and every continuous row gets one slot."""
-    import io
-
     import torch
 
     tokenizer = AutoTokenizer.from_pretrained(track_b_model_dir / "llm")
@@ -322,8 +320,6 @@ def test_the_llm_is_held_to_the_speech_and_image_formats_when_asked(server):
 def test_a_spoken_answer_through_the_openai_sdk(client):
     """modalities + audio, as OpenAI's SDK sends them: the embedded LLM is held to the speech format, the gateway
     parses its output and the AudioDecoder speaks it: a 24 kHz file of 960 samples per unit, in the voice asked."""
-    import io
-
     import soundfile
 
     question = [{"role": "user", "content": "Say hello."}]
@@ -401,27 +397,11 @@ DRAW = {"tools": [IMAGE_TOOL], "tool_choice": {"type": "function", "function": {
         "max_tokens": 800, "extra_body": {"image": {"steps": 2, "seed": 1}}}  # fmt: skip
 
 
-def drawn(url: str):
-    """The PNG behind a generated image's URL: presigned, in the tests' S3-compatible store (on loopback)."""
-    from PIL import Image
-
-    from hcxserve.models.vision_decoder import VISION_RATIOS
-
-    assert url.startswith("http://127.0.0.1:") and "X-Amz-Signature=" in url
-    response = httpx.get(url, timeout=30, trust_env=False)
-    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    picture = Image.open(io.BytesIO(response.content))
-    # the size of one of the ratio table's entries (the embedded decoder's density: ~1:1 is 768 x 768 scaled)
-    ratios = [int(w) / int(h) for w, h in (r.split(":") for r in VISION_RATIOS)]
-    assert picture.format == "PNG" and min(abs(picture.width / picture.height - r) for r in ratios) < 0.03
-    return picture
-
-
 def test_image_to_image_streams_through_the_openai_sdk(client):
     """A `tool_choice` naming t2i_model_generation: the LLM is held to its image format, the VisionDecoder draws it,
     and the picture, stored in S3 behind a presigned URL, arrives as one `delta.images` chunk (OpenRouter's form)
-    with OmniServe's tool call, before the finish. (Not streamed, text to image and image to image: OmniServe's
-    checks 6 and 7, tests/e2e/test_omniserve_checks.py.)"""
+    with OmniServe's tool call, before the finish. (OmniServe's checks 6 and 7 send both, not streamed, over raw
+    HTTP: tests/e2e/test_omniserve_checks.py.)"""
     picture = data_url(make_png(64, 48, (200, 30, 30)), "image/png")
     chunks = list(ask(client, [image_url(picture), text("Make it a cartoon.")], **DRAW, stream=True))
     with_image = [c for c in chunks if c.choices and (c.choices[0].delta.model_extra or {}).get("images")]
@@ -434,3 +414,17 @@ def test_image_to_image_streams_through_the_openai_sdk(client):
     drawn(image["image_url"]["url"])
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
     assert not any(c.choices and "vision" in (c.choices[0].delta.content or "") for c in chunks)  # no tokens as text
+
+
+def test_text_to_image_through_the_openai_sdk(client):
+    """Not streamed: `message.images` (OpenRouter's form, which the SDK keeps as an extra field) and OmniServe's
+    tool call, whose `discrete_image_token` argument is the same presigned URL; the finish is the tool call's."""
+    response = ask(client, [text("Draw a red apple.")], **DRAW)
+    (choice,) = response.choices
+    (call,) = choice.message.tool_calls
+    (image,) = choice.message.model_extra["images"]
+    assert call.function.name == "t2i_model_generation" and choice.finish_reason == "tool_calls"
+    assert json.loads(call.function.arguments) == {"discrete_image_token": image["image_url"]["url"]}
+    assert image["index"] == 0 and image["type"] == "image_url"
+    drawn(image["image_url"]["url"])
+    assert "vision" not in (choice.message.content or "")  # the image's tokens are not text
