@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import uuid
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -31,6 +32,9 @@ from hcxserve.protocol.openai import (
     ChatCompletionResponse,
     ChunkChoice,
     DeltaMessage,
+    FunctionCall,
+    ImageOutput,
+    ToolCall,
 )
 
 _SPEECH_TYPES = {
@@ -53,12 +57,41 @@ class _ChoiceMedia:
         self.images: DrawnImages | None = None
         self.finish_reason: str | None = None
         self.ended = self.closed = False
+        # a stream's image-tool calls the model made itself, by their index among the choice's tool calls: held
+        # back (their arguments are image tokens) until the choice ends, then drawn
+        self.image_calls: dict[int, ToolCall] = {}
+        self.call_index: dict[str, int] = {}
+        self.undrawn_calls: list[dict[str, Any]] = []  # held calls that hold no image: passed on as written
 
     def feed(self, text: str) -> str:
         return self._dispatch(self.parser.feed(text))
 
+    def hold_tool_calls(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The streamed tool-call deltas to pass on now: all but the image tool's (see `end`)."""
+        if self.make_images is None:
+            return deltas
+        passed = []
+        for delta in deltas:
+            index, function = delta.get("index", 0), delta.get("function") or {}
+            if function.get("name") == IMAGE_TOOL and index not in self.image_calls:
+                call_id = delta.get("id") or f"call_{uuid.uuid4().hex[:24]}"
+                self.image_calls[index] = ToolCall(id=call_id, function=FunctionCall(name=IMAGE_TOOL, arguments=""))
+            if index in self.image_calls:
+                self.image_calls[index].function.arguments += function.get("arguments") or ""
+            else:
+                passed.append(delta)
+        return passed
+
     def end(self, finish_reason: str | None) -> str:
-        """The LLM is done with this choice: the rest of its text."""
+        """The LLM is done with this choice: the rest of its text. Held image-tool calls are drawn; their delta
+        comes with the image, named by its URL."""
+        for index, call in self.image_calls.items():
+            self.images = self.images or self.make_images()
+            if self.images.add_tool_call(call):
+                self.call_index[call.id] = index
+            else:
+                self.undrawn_calls.append({"index": index, **call.model_dump()})
+        self.image_calls.clear()
         text = self._dispatch(self.parser.finish())
         self.finish_reason, self.ended = finish_reason, True
         if self.speech is not None:
@@ -71,8 +104,16 @@ class _ChoiceMedia:
         if self.speech is not None and self.speech.task is not None:
             work[self.speech.task] = lambda _: self.speech.collect()
         if self.images is not None:
-            work.update(dict.fromkeys(self.images.tasks, self.images.collect))
+            work.update(dict.fromkeys(self.images.tasks, self._collect_image))
         return work
+
+    def _collect_image(self, task: asyncio.Future) -> tuple[ImageOutput, dict[str, Any] | None]:
+        """A drawn image, and the tool-call delta that goes with it (its index: the model's own call's, else the
+        image's)."""
+        image, call = self.images.collect(task)
+        if call is None:
+            return image, None
+        return image, {"index": self.call_index.get(call.id, image.index), **call.model_dump()}
 
     @property
     def done(self) -> bool:
@@ -201,8 +242,11 @@ class AnswerMedia:
                         usage = chunk  # the usage chunk goes last, after every choice's media
                 if llm_done:
                     for index, media in self.choices.items():
-                        if not media.ended and (text := media.end(media.finish_reason)):
-                            yield _chunk(template, index, DeltaMessage(content=text))
+                        if not media.ended:
+                            text = media.end(media.finish_reason)
+                            if text or media.undrawn_calls:
+                                delta = DeltaMessage(content=text or None, tool_calls=media.undrawn_calls or None)
+                                yield _chunk(template, index, delta)
                 if template is not None:
                     for out in self._closings(template):
                         yield out
@@ -239,22 +283,24 @@ class AnswerMedia:
             media = self._choice(choice.index)
             delta, finish = choice.delta, choice.finish_reason
             text = None if delta.content is None else media.feed(delta.content)
+            calls = media.hold_tool_calls(delta.tool_calls) or None if delta.tool_calls else delta.tool_calls
             if finish is not None:
                 text = (text or "") + media.end(finish)
+                calls = (calls or []) + media.undrawn_calls or None
                 if media.speech is None and media.images is None:
                     media.closed = True
                 else:
                     finish = None
             held = finish is None and choice.finish_reason is not None
+            out = delta.model_copy(update={"content": text, "tool_calls": calls})
             if (
-                (delta.content or held)
+                (delta.content or delta.tool_calls or held)
                 and not text
                 and finish is None
-                and not delta.model_dump(exclude_none=True).keys() - {"content"}
+                and not out.model_dump(exclude_none=True).keys() - {"content"}
             ):
                 continue  # only media tokens, or an empty end whose finish comes after the media
-            choices.append(choice.model_copy(update={"delta": delta.model_copy(update={"content": text}),
-                                                     "finish_reason": finish}))  # fmt: skip
+            choices.append(choice.model_copy(update={"delta": out, "finish_reason": finish}))
         if not choices and chunk.choices:
             return []
         return [chunk.model_copy(update={"choices": choices})]
@@ -284,10 +330,7 @@ def _deltas(result: Any) -> list[DeltaMessage]:
     if isinstance(result, AudioDelta):
         return [DeltaMessage(audio=result)]
     image, call = result
-    tool_calls = None
-    if call is not None:
-        tool_calls = [{"index": image.index, **call.model_dump()}]
-    return [DeltaMessage(images=[image], tool_calls=tool_calls)]
+    return [DeltaMessage(images=[image], tool_calls=None if call is None else [call])]
 
 
 def _chunk(template: ChatCompletionChunk, index: int, delta: DeltaMessage, finish_reason: str | None = None):

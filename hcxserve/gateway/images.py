@@ -79,18 +79,20 @@ class DrawnImages:
         self.tasks[asyncio.ensure_future(self._draw(request))] = (self._count, call)
         self._count += 1
 
-    def add_tool_call(self, call: ToolCall) -> None:
+    def add_tool_call(self, call: ToolCall) -> bool:
         """The model called the image tool itself (vLLM's tool parser made the call): draw the block its
-        `discrete_image_token` holds, as OmniServe does."""
+        `discrete_image_token` holds, as OmniServe does. False when it holds none (the call is left as written)."""
         try:
             tokens = json.loads(call.function.arguments)["discrete_image_token"]
         except (ValueError, TypeError, KeyError):
-            return  # not the form the tool takes: left as the model wrote it
+            return False  # not the form the tool takes
         parser = OmniOutputParser()
         for event in [*parser.feed(str(tokens)), *parser.finish()]:
             if isinstance(event, ImageTokens):
+                drawing = len(self.tasks)
                 self.add(event, call=call)
-                return
+                return len(self.tasks) > drawing
+        return False
 
     def collect(self, task: asyncio.Future) -> tuple[ImageOutput, ToolCall | None]:
         index, call = self.tasks.pop(task)

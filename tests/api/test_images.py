@@ -148,3 +148,48 @@ def test_a_tool_call_without_an_image_block_is_left_as_written():
         message = gw.chat(ask(tools=[TOOL])).json()["choices"][0]["message"]
         assert gw.tracks["b"].drawing.requests == []
     assert [c["function"]["arguments"] for c in message["tool_calls"]] == [c["function"]["arguments"] for c in calls]
+
+
+def streamed_call(index: int, id_: str, name: str, arguments: str, size: int = 40) -> list[dict]:
+    """A tool call as vLLM's tool parser streams it: its id and name, then its arguments piece by piece."""
+    first = {"index": index, "id": id_, "type": "function", "function": {"name": name, "arguments": ""}}
+    pieces = [arguments[i : i + size] for i in range(0, len(arguments), size)]
+    return [chunk({"tool_calls": [first]}), *(chunk({"tool_calls": [{"index": index, "function": {"arguments": p}}]})
+                                              for p in pieces)]  # fmt: skip
+
+
+def test_the_models_own_streamed_tool_call_is_drawn_and_comes_with_its_image():
+    """Streamed, the image tool's call is held back (its arguments are image tokens), drawn at the choice's end, and
+    sent once with the image, its arguments naming the image's URL; another tool's call streams as it comes."""
+    image_args = json.dumps({"discrete_image_token": BLOCK})
+    with gateway("b") as gw:
+        gw.llm.stream = sse(chunk({"role": "assistant", "content": ""}),
+                            *streamed_call(0, "call-weather", "get_weather", '{"city": "Seoul"}', size=8),
+                            *streamed_call(1, "call-image", "t2i_model_generation", image_args),
+                            chunk({}, finish_reason="tool_calls"))  # fmt: skip
+        events = gw.stream(ask(tools=[TOOL]))
+        (drawn,) = gw.tracks["b"].drawing.requests
+    assert drawn.ratio == "4:3" and list(drawn.codes) == CODES
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    calls = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert [c.get("id") for c in calls if c["index"] == 0][0] == "call-weather"
+    assert "".join(c["function"].get("arguments", "") for c in calls if c["index"] == 0) == '{"city": "Seoul"}'
+    (image_call,) = [c for c in calls if c["index"] == 1]  # once, whole, with the image
+    assert image_call["id"] == "call-image" and image_call["function"]["name"] == "t2i_model_generation"
+    assert json.loads(image_call["function"]["arguments"]) == {"discrete_image_token": png_url()}
+    (with_image,) = [d for d in deltas if "images" in d]
+    assert with_image["tool_calls"] == [image_call] and with_image["images"][0]["image_url"]["url"] == png_url()
+    assert [e["choices"][0].get("finish_reason") for e in events[:-1]][-1] == "tool_calls"
+    assert sum(bool(e["choices"][0].get("finish_reason")) for e in events[:-1]) == 1
+
+
+def test_a_streamed_image_tool_call_without_an_image_block_is_passed_on_as_written():
+    with gateway("b") as gw:
+        gw.llm.stream = sse(chunk({"role": "assistant", "content": ""}),
+                            *streamed_call(0, "call-1", "t2i_model_generation", '{"discrete_image_token": "a dog"}'),
+                            chunk({}, finish_reason="tool_calls"))  # fmt: skip
+        events = gw.stream(ask(tools=[TOOL]))
+        assert gw.tracks["b"].drawing.requests == []
+    calls = [c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls") or []]
+    assert calls == [tool_call("call-1", '{"discrete_image_token": "a dog"}') | {"index": 0}]
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
