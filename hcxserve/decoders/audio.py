@@ -89,15 +89,25 @@ class AudioDecoderPipeline:
         return encode_batch(requests, self._prepare, self._speak, refused)
 
     def _prepare(self, request: SpeechRequest):
-        """(vocoder, speaker vector, the window of units, the samples wanted of it, format), or ItemRefused."""
+        """(vocoder, speaker vector, the window of units, the samples wanted of it, format, the reference clip's
+        speaker vector to send back or None), or ItemRefused."""
+        import torch
+
         from hcxserve.models.unit_vocoder import InvalidUnitError, UnknownSpeakerError
 
         if request.format not in SPEECH_FORMATS:
             raise ItemRefused(f"audio format {request.format!r} is not supported ({', '.join(SPEECH_FORMATS)})")
         if not 1 <= len(request.units) <= self.cfg.max_units:
             raise ItemRefused(f"{len(request.units)} units to speak; between 1 and {self.cfg.max_units} are accepted")
+        computed = None
         try:
-            if request.reference is not None:
+            if request.speaker is not None:
+                vocoder = self._variant(self.zeroshot, "a reference clip's voice (zero-shot)")
+                speaker = torch.tensor([request.speaker], dtype=vocoder.unit_emb.weight.dtype)
+                if speaker.shape[1] != vocoder.config.spk_emb_dim or not torch.isfinite(speaker).all():
+                    raise ItemRefused(f"a speaker vector has {vocoder.config.spk_emb_dim} finite values")
+                speaker = speaker.to(vocoder.unit_emb.weight.device)
+            elif request.reference is not None:
                 vocoder = self._variant(self.zeroshot, "a reference clip's voice (zero-shot)")
                 clip = decode_audio(
                     request.reference,
@@ -106,6 +116,7 @@ class AudioDecoderPipeline:
                     min_seconds=_MIN_REFERENCE_SECONDS,
                 )
                 speaker = vocoder.speaker_embedding(reference=clip.samples, sample_rate=_REFERENCE_RATE)
+                computed = speaker[0].float().tolist()
             else:
                 vocoder = self._variant(self.finetuned, "named voices")
                 speaker = vocoder.speaker_embedding(request.voice or self.cfg.default_voice)
@@ -121,7 +132,7 @@ class AudioDecoderPipeline:
             first, lo, hi = vocoder.config.span(len(request.units), request.start_sample, final=request.final)
         except ValueError as exc:
             raise ItemRefused(str(exc)) from None
-        return vocoder, speaker, units[:, first:], (lo, hi), request.format
+        return vocoder, speaker, units[:, first:], (lo, hi), request.format, computed
 
     @staticmethod
     def _variant(vocoder, what: str):
@@ -134,7 +145,7 @@ class AudioDecoderPipeline:
 
         results: list[SpeechAudio | None] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, (vocoder, _, units, _, _) in enumerate(prepared):
+        for i, (vocoder, _, units, *_) in enumerate(prepared):
             groups.setdefault((id(vocoder), units.shape[1]), []).append(i)
         for positions in groups.values():
             vocoder = prepared[positions[0]][0]
@@ -142,7 +153,7 @@ class AudioDecoderPipeline:
             speakers = torch.cat([prepared[i][1] for i in positions])
             waves = vocoder(units, speakers).float().cpu().numpy()
             for row, i in enumerate(positions):
-                (lo, hi), fmt = prepared[i][3:]
+                (lo, hi), fmt, speaker = prepared[i][3:]
                 data = encode_speech(waves[row, lo:hi], vocoder.sample_rate, fmt)
-                results[i] = SpeechAudio(data=data, sample_rate=vocoder.sample_rate, samples=hi - lo)
+                results[i] = SpeechAudio(data=data, sample_rate=vocoder.sample_rate, samples=hi - lo, speaker=speaker)
         return results

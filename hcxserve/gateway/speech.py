@@ -152,6 +152,7 @@ class SpokenAnswer:
         self._asked = 0  # units the last call had
         self._final = False  # the call in flight is the last one
         self._carry = b""  # bytes held back so that every part is a whole number of base64 quanta
+        self._speaker: list[float] | None = None  # a cloned voice's vector, from the first part's answer
         self._id_sent = False
 
     # ------------------------------------------------------------------------------------------ feeding
@@ -182,6 +183,7 @@ class SpokenAnswer:
         (result,) = self.task.result()
         self.task = None
         data = self._checked(result)
+        self._speaker = self._speaker or result.speaker
         self.samples += result.samples
         if self._final:
             self.done = True
@@ -238,7 +240,8 @@ class SpokenAnswer:
         request = SpeechRequest(
             units=list(self.units),
             voice=None if clone else options.voice,
-            reference=options.reference if clone else None,
+            reference=options.reference if clone and self._speaker is None else None,
+            speaker=self._speaker if clone else None,
             format=STREAM_FORMAT if self.incremental else options.format,
             start_sample=self.samples,
             final=final,

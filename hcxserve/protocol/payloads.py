@@ -93,12 +93,14 @@ class SpeechRequest(BaseModel):
 
     A streamed answer asks again as units arrive, each time with all its units so far: `start_sample` is where the
     last answer stopped, and until `final` only the samples no later unit can change come back (raw pcm16). The
-    decoder keeps nothing between calls, so they may go to any replica.
+    decoder keeps nothing between calls, so they may go to any replica. A later part in a reference clip's voice
+    sends the `speaker` vector the first part's answer gave instead of the clip.
     """
 
     units: list[int] = Field(repr=False)
     voice: str | None = None
     reference: bytes | None = Field(None, repr=False)
+    speaker: list[float] | None = Field(None, repr=False)  # a zero-shot voice's speaker vector (SpeechAudio.speaker)
     format: str = "wav"
     start_sample: int = Field(0, ge=0)
     final: bool = True
@@ -116,6 +118,7 @@ class SpeechAudio(BaseModel):
     data: bytes | None = Field(None, repr=False)
     sample_rate: int = 24000
     samples: int = 0
+    speaker: list[float] | None = Field(None, repr=False)  # the reference clip's speaker vector, when it had one
     error: str | None = None
     status: int = 400
 

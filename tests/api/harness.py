@@ -226,6 +226,7 @@ class FakeAudioEncoder:
 
 
 FAKE_LOOKAHEAD = 100  # samples the fake audio decoder holds back from a part of a stream
+FAKE_SPEAKER = [0.5, -0.25]  # the speaker vector the fake audio decoder gives a reference clip
 
 
 def fake_speech(units: list[int]) -> np.ndarray:
@@ -260,11 +261,13 @@ class FakeAudioDecoder:
 
     @staticmethod
     def _speak(r) -> SpeechAudio:
+        speaker = FAKE_SPEAKER if r.reference is not None else None  # a reference clip's voice, as a vector
         if r.format != "pcm16":
-            return SpeechAudio(data=f"{r.format}:{r.voice}:{r.units}".encode(), samples=960 * len(r.units))
+            data = f"{r.format}:{r.voice}:{r.units}".encode()
+            return SpeechAudio(data=data, samples=960 * len(r.units), speaker=speaker)
         end = 960 * len(r.units) - (0 if r.final else FAKE_LOOKAHEAD)
         samples = fake_speech(r.units)[r.start_sample : max(end, r.start_sample)]
-        return SpeechAudio(data=samples.tobytes(), samples=len(samples))
+        return SpeechAudio(data=samples.tobytes(), samples=len(samples), speaker=speaker)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 
 from hcxserve.gateway.speech import audio_id
 from hcxserve.protocol.payloads import UNKNOWN_VOICE, SpeechAudio
-from tests.api.harness import chunk, completion, fake_speech, gateway, sse
+from tests.api.harness import FAKE_SPEAKER, chunk, completion, fake_speech, gateway, sse
 from tests.conftest import make_audio
 
 SPOKEN = (
@@ -217,6 +217,19 @@ def test_a_streamed_answer_speaks_in_pcm16_parts_that_concatenate_to_the_whole()
         (i, e["choices"][0]["finish_reason"]) for i, e in enumerate(events[:-1]) if e["choices"][0]["finish_reason"]
     ]
     assert finishes == [(len(events) - 2, "stop")]  # last, after the audio
+
+
+def test_a_streamed_answer_in_a_cloned_voice_sends_the_clip_once_then_its_speaker_vector():
+    clip = make_audio(1.0)
+    content = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(clip).decode(), "format": "wav"}}]
+    with gateway("b") as gw:
+        gw.llm.stream = sse(*spoken_stream(UNITS))
+        events = gw.stream({"messages": [{"role": "user", "content": content}], **SPEAK, "audio": {"format": "pcm16"},
+                            "is_ref_audio": True})  # fmt: skip
+        requests = gw.tracks["b"].speech.requests
+    assert audio_of(events)[1] == fake_speech(UNITS).tobytes()
+    assert len(requests) > 2 and requests[0].reference == clip and requests[0].speaker is None
+    assert all(r.reference is None and r.speaker == FAKE_SPEAKER and r.voice is None for r in requests[1:])
 
 
 def test_a_streamed_file_format_comes_whole_at_the_end():

@@ -56,11 +56,19 @@ def test_a_batch_equals_one_request_at_a_time_and_voices_differ(speech):
     assert speech.voices() == ["fkms", "mhwj", "fphj", "mphw"]
 
 
-def test_a_reference_clip_gives_its_own_voice(speech):
+def test_a_reference_clip_gives_its_own_voice_and_its_speaker_vector_stands_for_it(speech):
     clips = [make_audio(2.0, freq=220.0), make_audio(2.0, freq=880.0)]
-    first, second = (wav(r.data)[0] for r in speech.decode([SpeechRequest(units=UNITS, reference=c) for c in clips]))
-    default = wav(speech.decode([SpeechRequest(units=UNITS)])[0].data)[0]
-    assert np.abs(first - second).max() > 1e-3 and np.abs(first - default).max() > 1e-3
+    cloned = speech.decode([SpeechRequest(units=UNITS, reference=c) for c in clips])
+    first, second = (wav(r.data)[0] for r in cloned)
+    default = speech.decode([SpeechRequest(units=UNITS)])[0]
+    assert np.abs(first - second).max() > 1e-3 and np.abs(first - wav(default.data)[0]).max() > 1e-3
+    # the vector the clip gave speaks as the clip does (a stream's later parts send it instead of the clip)
+    assert len(cloned[0].speaker) == speech.pipeline.zeroshot.config.spk_emb_dim and default.speaker is None
+    (again,) = speech.decode([SpeechRequest(units=UNITS, speaker=cloned[0].speaker)])
+    assert again.speaker is None  # at most a rounding step apart (the clips were decoded as a batch)
+    assert np.abs(wav(again.data, "int16")[0].astype(int) - wav(cloned[0].data, "int16")[0]).max() <= 1
+    (bad,) = speech.decode([SpeechRequest(units=UNITS, speaker=[float("nan")] * len(cloned[0].speaker))])
+    assert bad.status == 400 and "finite values" in bad.error
 
 
 def test_a_stream_of_parts_concatenates_to_the_whole_decode(speech):
@@ -85,6 +93,7 @@ def test_a_stream_of_parts_concatenates_to_the_whole_decode(speech):
         (SpeechRequest(units=[1], voice="nobody"), UNKNOWN_VOICE, "nobody"),
         (SpeechRequest(units=[1], format="wma"), 400, "audio format 'wma' is not supported"),
         (SpeechRequest(units=[1], reference=b"not audio"), 400, ""),
+        (SpeechRequest(units=[1], speaker=[0.5] * 3), 400, "finite values"),
         (SpeechRequest(units=[1, 2], start_sample=960, final=False), 400, "raw pcm16"),
         (SpeechRequest(units=[1], format="pcm16", start_sample=961), 400, "outside the 960 samples"),
     ],
