@@ -314,6 +314,7 @@ def test_a_later_turn_refers_to_a_spoken_answer_by_its_id():
         # an id that inflates beyond any transcript
         ("audio_" + base64.urlsafe_b64encode(zlib.compress(b" " * (4 << 20), 9)).decode().rstrip("="), "not the id"),
     ],
+    ids=["foreign", "another kind", "expired", "inflates too far"],  # stable: the expired id depends on the clock
 )
 def test_an_id_that_is_not_ours_or_expired_is_a_400(audio_id, message):
     with gateway("b") as gw:
