@@ -60,6 +60,25 @@ def test_the_llm_is_asked_for_an_image_and_its_block_is_drawn():
     assert choice["finish_reason"] == "tool_calls"
 
 
+def test_each_block_is_drawn_in_order_with_the_requests_sampling_options():
+    with gateway("b") as gw:
+        gw.llm.reply = completion("One: " + BLOCK + " two: " + BLOCK.replace("4:3", "16:9"))
+        message = gw.chat(ask(image={"steps": 4, "guidance_scale": 2.5}, seed=5)).json()["choices"][0]["message"]
+        requests = gw.tracks["b"].drawing.requests
+    assert [(r.ratio, r.steps, r.guidance_scale, r.seed) for r in requests] == [("4:3", 4, 2.5, 5), ("16:9", 4, 2.5, 5)]
+    assert [(i["index"], i["image_url"]["url"]) for i in message["images"]] == [
+        (0, png_url(steps=4, seed=5)), (1, png_url("16:9", steps=4, seed=5))
+    ]  # fmt: skip
+
+
+def test_a_block_without_its_ratio_token_is_not_drawn():
+    with gateway("b") as gw:
+        gw.llm.reply = completion(BLOCK.replace("<|vision_ratio_4:3|>", ""))
+        message = gw.chat(ask()).json()["choices"][0]["message"]
+        assert gw.tracks["b"].drawing.requests == []
+    assert "images" not in message
+
+
 def test_an_image_the_model_draws_unasked_comes_back_without_a_tool_call_unless_declared():
     with gateway("b") as gw:
         gw.llm.reply = completion(BLOCK)
@@ -97,19 +116,28 @@ def test_a_streamed_image_arrives_as_one_chunk_with_its_tool_call_before_the_fin
 
 
 @pytest.mark.parametrize(
-    "track, fields, param",
+    "track, fields, param, message",
     [
-        ("a", DRAW, "tool_choice"),  # track A draws nothing
-        ("b", {**DRAW, "modalities": ["text", "audio"]}, "tool_choice"),
-        ("b", {**DRAW, "image": {"steps": 10_000}}, "image.steps"),
-        ("b", {**DRAW, "image": {"guidance_scale": 11}}, "image.guidance_scale"),
+        ("a", DRAW, "tool_choice", "track A does not draw images"),
+        ("b", {**DRAW, "modalities": ["text", "audio"]}, "tool_choice",
+         "ask for speech or for an image, not both in one answer"),
+        ("b", {**DRAW, "image": {"steps": 51}}, "image.steps", "51"),  # the embedded profile's max_steps: 50
+        ("b", {**DRAW, "image": {"guidance_scale": 11}}, "image.guidance_scale", "less than or equal to 10"),
     ],
-)
-def test_what_cannot_be_drawn_is_refused_before_the_llm(track, fields, param):
+)  # fmt: skip
+def test_what_cannot_be_drawn_is_refused_before_the_llm(track, fields, param, message):
     with gateway(track) as gw:
         response = gw.chat(ask(**fields))
         assert gw.llm.requests == []
     assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert message in response.json()["error"]["message"]
+
+
+def test_as_many_steps_as_the_deployment_allows_are_taken():
+    with gateway("b") as gw:
+        gw.llm.reply = completion(BLOCK)
+        assert gw.chat(ask(**DRAW, image={"steps": 50})).status_code == 200
+        assert gw.tracks["b"].drawing.requests[0].steps == 50
 
 
 def test_a_refused_drawing_is_a_502_without_internals():
@@ -183,13 +211,15 @@ def test_the_models_own_streamed_tool_call_is_drawn_and_comes_with_its_image():
     assert sum(bool(e["choices"][0].get("finish_reason")) for e in events[:-1]) == 1
 
 
-def test_a_streamed_image_tool_call_without_an_image_block_is_passed_on_as_written():
+def test_a_streamed_image_tool_call_without_a_drawable_image_is_passed_on_as_written():
+    written = ['{"discrete_image_token": "a dog"}', "not json", json.dumps({"discrete_image_token": BLOCK[:900]})]
     with gateway("b") as gw:
         gw.llm.stream = sse(chunk({"role": "assistant", "content": ""}),
-                            *streamed_call(0, "call-1", "t2i_model_generation", '{"discrete_image_token": "a dog"}'),
+                            *(c for i, args in enumerate(written)
+                              for c in streamed_call(i, f"call-{i}", "t2i_model_generation", args)),
                             chunk({}, finish_reason="tool_calls"))  # fmt: skip
         events = gw.stream(ask(tools=[TOOL]))
-        assert gw.tracks["b"].drawing.requests == []
+        assert gw.tracks["b"].drawing.requests == []  # the last one is cut short
     calls = [c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls") or []]
-    assert calls == [tool_call("call-1", '{"discrete_image_token": "a dog"}') | {"index": 0}]
+    assert calls == [tool_call(f"call-{i}", args) | {"index": i} for i, args in enumerate(written)]
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"

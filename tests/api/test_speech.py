@@ -78,6 +78,21 @@ def test_every_choice_is_spoken_in_one_call_with_the_default_voice_and_format():
     assert all(c["message"]["audio"]["transcript"] == "Hello there." for c in choices)
 
 
+def test_units_beyond_the_decoders_limit_are_not_spoken():
+    with gateway("b", **{"components.audio_decoder.max_units": 3}) as gw:
+        gw.llm.reply = completion(SPOKEN.replace("<|discrete_audio_end|>", "<|audio0014|><|audio0015|>" * 2))
+        assert gw.chat(ask(**SPEAK)).status_code == 200
+        assert [r.units for r in gw.tracks["b"].speech.requests] == [[12, 13, 14]]
+
+
+def test_a_streamed_speech_block_without_units_ends_as_text():
+    with gateway("b") as gw:
+        gw.llm.stream = sse(*spoken_stream([]))
+        events = gw.stream(ask(**SPEAK, audio={"format": "pcm16"}))
+        assert gw.tracks["b"].speech.requests == []
+    assert audio_of(events)[0] == [] and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_text_only_requests_are_left_alone():
     with gateway("b") as gw:
         gw.llm.reply = completion("Hello.")
@@ -131,7 +146,8 @@ def test_a_voice_the_decoder_lost_is_a_400_and_a_failed_decode_a_502():
         # units the decoder cannot take are the model's doing, whatever the voice's name has in common with them
         gw.tracks["b"].speech.results = lambda items: [SpeechAudio(error="unit 7000 at position 0", status=400)]
         response = gw.chat(ask(**SPEAK, audio={"voice": "fkms"}))
-    assert response.status_code == 502 and "could not speak" in response.json()["error"]["message"]
+    assert response.status_code == 502
+    assert response.json()["error"]["message"] == "The audio decoder could not speak the model's answer."
 
 
 def test_units_the_model_speaks_unasked_are_spoken_too():
@@ -209,6 +225,7 @@ def test_a_streamed_answer_speaks_in_pcm16_parts_that_concatenate_to_the_whole()
     assert deltas[-1]["transcript"] == "Hello there." and abs(deltas[-1]["expires_at"] - time.time() - 3600) < 60
     # each part asks with all units so far from where the last one stopped; the first after 5 units
     assert len(requests[0].units) == 5 and not requests[0].final and requests[-1].final
+    assert all(len(b.units) - len(a.units) >= 25 for a, b in zip(requests[:-2], requests[1:-1]))  # then every 25
     assert all(r.format == "pcm16" for r in requests)
     assert [r.start_sample for r in requests[1:]] == [960 * len(r.units) - 100 for r in requests[:-1]]
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
@@ -311,10 +328,13 @@ def test_a_later_turn_refers_to_a_spoken_answer_by_its_id():
         ("audio_abc", "not the id of a spoken answer of this server"),
         ("chatcmpl-1", "not the id of a spoken answer of this server"),
         (audio_id("Hi.", int(time.time()) - 1), "expired; send its transcript as content"),
-        # an id that inflates beyond any transcript
-        ("audio_" + base64.urlsafe_b64encode(zlib.compress(b" " * (4 << 20), 9)).decode().rstrip("="), "not the id"),
+        # an id that inflates beyond any transcript (a well-formed one: the bound refuses it, not its JSON)
+        (audio_id("x" * (2 << 20), int(time.time()) + 3600), "not the id"),
+        ("audio_" + base64.urlsafe_b64encode(zlib.compress(b'{"t": 5, "e": 99999999999}')).decode(), "not the id"),
+        ("audio_" + base64.urlsafe_b64encode(zlib.compress(b'{"t": "Hi", "e": "soon"}')).decode(), "not the id"),
     ],
-    ids=["foreign", "another kind", "expired", "inflates too far"],  # stable: the expired id depends on the clock
+    # stable ids: the expired one's text depends on the clock
+    ids=["foreign", "another kind", "expired", "inflates too far", "not text", "no expiry"],
 )
 def test_an_id_that_is_not_ours_or_expired_is_a_400(audio_id, message):
     with gateway("b") as gw:

@@ -106,6 +106,7 @@ def drawn(url: str):
     from hcxserve.models.vision_decoder import VISION_RATIOS, size_for_ratio
 
     assert url.startswith("http://127.0.0.1:") and "X-Amz-Signature=" in url
+    assert url.split("?")[0].endswith(".png")  # the stored object's key
     response = httpx.get(url, timeout=30, trust_env=False)
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(response.content))
