@@ -209,6 +209,8 @@ def test_the_models_own_streamed_tool_call_is_drawn_and_comes_with_its_image():
     assert with_image["tool_calls"] == [image_call] and with_image["images"][0]["image_url"]["url"] == png_url()
     assert [e["choices"][0].get("finish_reason") for e in events[:-1]][-1] == "tool_calls"
     assert sum(bool(e["choices"][0].get("finish_reason")) for e in events[:-1]) == 1
+    # nothing held back leaves an empty chunk behind
+    assert all(d.get("content") or d.get("tool_calls") or d.get("images") for d in deltas[1:-1]), deltas
 
 
 def test_a_streamed_image_tool_call_without_a_drawable_image_is_passed_on_as_written():
@@ -223,3 +225,15 @@ def test_a_streamed_image_tool_call_without_a_drawable_image_is_passed_on_as_wri
     calls = [c for e in events[:-1] for c in e["choices"][0]["delta"].get("tool_calls") or []]
     assert calls == [tool_call(f"call-{i}", args) | {"index": i} for i, args in enumerate(written)]
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_stream_cut_without_a_finish_still_gets_what_was_held_back():
+    """The LLM's stream ends with no finish_reason: the text the parser held (a possible marker) and an image-tool
+    call with nothing to draw still reach the client."""
+    with gateway("b") as gw:
+        gw.llm.stream = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi <|disc"}),
+                            *streamed_call(0, "call-1", "t2i_model_generation", "not json"))  # fmt: skip
+        events = gw.stream(ask(tools=[TOOL]))
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e.get("choices")]
+    assert "".join(d.get("content") or "" for d in deltas) == "Hi <|disc"
+    assert [c for d in deltas for c in d.get("tool_calls") or []] == [tool_call("call-1", "not json") | {"index": 0}]

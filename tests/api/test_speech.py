@@ -195,8 +195,9 @@ def test_the_original_form_gives_the_stored_files_url_as_data_and_id():
 # ---------------------------------------------------------------------------------------------- streamed
 def spoken_stream(units: list[int], *, split: int = 7) -> list[dict]:
     """An LLM stream of a spoken answer, its text cut into deltas of `split` characters (markers split too)."""
-    text = ("<assistant_transcript>Hello there.</assistant_transcript>\n<audio_decoder_call>\n<|discrete_audio_start|>"
-            + "".join(f"<|audio{u:04d}|>" for u in units) + "<|discrete_audio_end|>")  # fmt: skip
+    units_text = "".join(f"<|audio{u:04d}|>" for u in units)
+    text = ("\n<assistant_transcript>Hello there.</assistant_transcript>\n<audio_decoder_call>\n"
+            f"<|discrete_audio_start|>{units_text}<|discrete_audio_end|>")  # fmt: skip
     pieces = [text[i : i + split] for i in range(0, len(text), split)]
     return [chunk({"role": "assistant", "content": ""}), *(chunk({"content": p}) for p in pieces),
             chunk({}, finish_reason="stop")]  # fmt: skip
@@ -229,7 +230,8 @@ def test_a_streamed_answer_speaks_in_pcm16_parts_that_concatenate_to_the_whole()
     assert all(r.format == "pcm16" for r in requests)
     assert [r.start_sample for r in requests[1:]] == [960 * len(r.units) - 100 for r in requests[:-1]]
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
-    assert text == "Hello there."
+    assert text == "Hello there."  # the layout around the blocks is not text
+    assert all(e["choices"][0]["delta"] or e["choices"][0]["finish_reason"] for e in events[1:-1])  # none empty
     finishes = [
         (i, e["choices"][0]["finish_reason"]) for i, e in enumerate(events[:-1]) if e["choices"][0]["finish_reason"]
     ]
