@@ -99,3 +99,23 @@ def test_speaker_info_that_is_not_a_json_object_counts_as_none():
 
 def test_vision_tokens_outside_an_image_block_are_dropped_not_shown():
     assert parse("a<|vision3|>b<|vision_ratio_1:1|>c") == [Text("abc")]
+
+
+def test_the_block_markers_alone_open_and_close_speech():
+    """Each marker counts on its own, not only within the full layout: an empty block, text right after the end
+    marker, and text after the call's closing tag."""
+    assert parse("<|discrete_audio_start|><|discrete_audio_end|>") == [SpeechStart({}), SpeechEnd()]
+    assert parse("<|discrete_audio_start|><|audio0007|><|discrete_audio_end|>Bye") == [
+        SpeechStart({}), SpeechUnits([7]), SpeechEnd(), Text("Bye")
+    ]  # fmt: skip
+    assert parse("<audio_decoder_call><|audio0007|></audio_decoder_call>After") == [
+        SpeechStart({}), SpeechUnits([7]), SpeechEnd(), Text("After")
+    ]  # fmt: skip
+    assert parse('<audio_decoder_call><speaker_info>{"a": 1}</speaker_info><|audio0001|>') == [
+        SpeechStart({"a": 1}), SpeechUnits([1]), SpeechEnd()  # the end of the output ends the speech
+    ]  # fmt: skip
+    # an image right after units ends the speech and is an image
+    assert parse(
+        "<|discrete_audio_start|><|audio0001|><|discrete_image_start|><|vision_ratio_1:1|><|vision5|>"
+        "<|discrete_image_end|>"
+    ) == [SpeechStart({}), SpeechUnits([1]), SpeechEnd(), ImageTokens("1:1", [5])]
