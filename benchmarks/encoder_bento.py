@@ -26,15 +26,13 @@ from hcxserve.config import load_track
 TRACK = os.environ.get("HCX_BENCH_TRACK", "a")
 
 
-def _encoder(name: str) -> type:
-    config = load_track(TRACK)
-    if name == "VisionEncoder":
-        from services.vision_encoder import vision_encoder_service
+def _component(name: str) -> type:
+    """The real service class of a component ("VisionEncoder", "AudioDecoder", ...) of the benchmarked track."""
+    from services.components import COMPONENT_SERVICES
 
-        return vision_encoder_service(config)
-    from services.audio_encoder import audio_encoder_service
-
-    return audio_encoder_service(config)
+    kind = {"VisionEncoder": "vision_encoder", "AudioEncoder": "audio_encoder", "AudioDecoder": "audio_decoder",
+            "VisionDecoder": "vision_decoder"}[name]  # fmt: skip
+    return COMPONENT_SERVICES[kind](load_track(TRACK))
 
 
 def _bench(encoder: type) -> type:
@@ -67,17 +65,6 @@ def _bench(encoder: type) -> type:
     return Bench
 
 
-def _decoder(name: str) -> type:
-    config = load_track(TRACK)
-    if name == "AudioDecoder":
-        from services.audio_decoder import audio_decoder_service
-
-        return audio_decoder_service(config)
-    from services.vision_decoder import vision_decoder_service
-
-    return vision_decoder_service(config)
-
-
 def _decoder_bench(decoder: type) -> type:
     import bentoml
 
@@ -106,14 +93,12 @@ def _decoder_bench(decoder: type) -> type:
 
 
 def __getattr__(name: str):
-    if name in ("AudioDecoder", "VisionDecoder"):
-        service = _decoder(name)
+    if name in ("VisionEncoder", "AudioEncoder", "AudioDecoder", "VisionDecoder"):
+        service = _component(name)
     elif name in ("AudioDecoderBench", "VisionDecoderBench"):
-        service = _decoder_bench(_decoder(name.removesuffix("Bench")))
-    elif name in ("VisionEncoder", "AudioEncoder"):
-        service = _encoder(name)
+        service = _decoder_bench(_component(name.removesuffix("Bench")))
     elif name in ("VisionBench", "AudioBench"):
-        service = _bench(_encoder(name.replace("Bench", "Encoder")))
+        service = _bench(_component(name.replace("Bench", "Encoder")))
     else:
         raise AttributeError(name)
     globals()[name] = service  # the import string must resolve to the same class on every access

@@ -19,20 +19,9 @@ from hcxserve.gateway.modalities import MediaInputs
 from hcxserve.gateway.serving import ChatCompletionServing
 from hcxserve.gateway.storage import media_store
 from hcxserve.models.vision_spec import VisionTowerSpec
-from services.audio_decoder import audio_decoder_service
-from services.audio_encoder import audio_encoder_service
+from services.components import COMPONENT_SERVICES
 from services.dependencies import call_dependency, dependency_ready
 from services.llm import llm_service
-from services.vision_decoder import vision_decoder_service
-from services.vision_encoder import vision_encoder_service
-
-# component kind -> the factory of its service (a track's config says which kinds it has)
-COMPONENT_SERVICES = {
-    "vision_encoder": vision_encoder_service,
-    "audio_encoder": audio_encoder_service,
-    "audio_decoder": audio_decoder_service,
-    "vision_decoder": vision_decoder_service,
-}
 
 
 def track_services(track: TrackConfig) -> dict[str, type]:
