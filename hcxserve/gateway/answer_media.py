@@ -283,7 +283,9 @@ class AnswerMedia:
             media = self._choice(choice.index)
             delta, finish = choice.delta, choice.finish_reason
             text = None if delta.content is None else media.feed(delta.content)
-            calls = media.hold_tool_calls(delta.tool_calls) or None if delta.tool_calls else delta.tool_calls
+            calls = delta.tool_calls
+            if calls:
+                calls = media.hold_tool_calls(calls) or None  # all held: none to send now
             if finish is not None:
                 text = (text or "") + media.end(finish)
                 calls = (calls or []) + media.undrawn_calls or None

@@ -64,11 +64,12 @@ class DrawnImages:
         self.tool_calls: list[ToolCall] = []
         self._count = first_index
 
-    def add(self, block: ImageTokens, *, call: ToolCall | None = None) -> None:
-        """Draw a block; `call`: the model's own tool call that holds it, whose arguments become the image's URL."""
+    def add(self, block: ImageTokens, *, call: ToolCall | None = None) -> bool:
+        """Draw a block (False: it is incomplete, and is not); `call`: the model's own tool call that holds it, whose
+        arguments become the image's URL."""
         if not block.complete or block.ratio is None or not block.codes:
             logger.warning("the model's image block is incomplete (%d codes); it is not drawn", len(block.codes))
-            return
+            return False
         request = ImageRequest(
             ratio=block.ratio,
             codes=block.codes[:IMAGE_CODES],
@@ -78,6 +79,7 @@ class DrawnImages:
         )
         self.tasks[asyncio.ensure_future(self._draw(request))] = (self._count, call)
         self._count += 1
+        return True
 
     def add_tool_call(self, call: ToolCall) -> bool:
         """The model called the image tool itself (vLLM's tool parser made the call): draw the block its
@@ -89,9 +91,7 @@ class DrawnImages:
         parser = OmniOutputParser()
         for event in [*parser.feed(str(tokens)), *parser.finish()]:
             if isinstance(event, ImageTokens):
-                drawing = len(self.tasks)
-                self.add(event, call=call)
-                return len(self.tasks) > drawing
+                return self.add(event, call=call)
         return False
 
     def collect(self, task: asyncio.Future) -> tuple[ImageOutput, ToolCall | None]:

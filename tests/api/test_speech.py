@@ -26,6 +26,10 @@ def ask(**fields):
     return {"messages": [{"role": "user", "content": "Say hello."}], **fields}
 
 
+def input_audio(clip: bytes) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(clip).decode(), "format": "wav"}}
+
+
 def test_the_llm_is_asked_for_speech_and_its_units_are_spoken():
     with gateway("b") as gw:
         gw.llm.reply = completion(SPOKEN)
@@ -163,8 +167,7 @@ def test_the_voice_of_the_last_input_audio_is_cloned_when_the_model_or_the_reque
     spoken = SPOKEN.replace("<|discrete_audio_start|>", '<speaker_info>{"is_ref_audio": true}</speaker_info>'
                             "<|discrete_audio_start|>")  # fmt: skip
     clips = [make_audio(1.0, freq=220.0), make_audio(1.0, freq=440.0)]
-    content = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(c).decode(), "format": "wav"}}
-               for c in clips] + [{"type": "text", "text": "Answer me."}]  # fmt: skip
+    content = [*(input_audio(c) for c in clips), {"type": "text", "text": "Answer me."}]
     with gateway("b") as gw:
         for reply, fields in (
             (spoken, {}),
@@ -240,7 +243,7 @@ def test_a_streamed_answer_speaks_in_pcm16_parts_that_concatenate_to_the_whole()
 
 def test_a_streamed_answer_in_a_cloned_voice_sends_the_clip_once_then_its_speaker_vector():
     clip = make_audio(1.0)
-    content = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(clip).decode(), "format": "wav"}}]
+    content = [input_audio(clip)]
     with gateway("b") as gw:
         gw.llm.stream = sse(*spoken_stream(UNITS))
         events = gw.stream({"messages": [{"role": "user", "content": content}], **SPEAK, "audio": {"format": "pcm16"},
