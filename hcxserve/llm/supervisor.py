@@ -8,8 +8,10 @@ growing delay. More than `--max-restarts` restarts within `--window` seconds mea
 exits, the LLM service's liveness (vLLM's `/health` through the proxy) fails, and the platform restarts the
 service.
 
-SIGTERM and SIGINT (Ctrl-C reaches this process's group, not vLLM's own session) are passed on to vLLM, which
+SIGTERM and SIGINT (Ctrl-C reaches this process's group, not vLLM's own session) stop vLLM with SIGTERM, which
 finishes its running requests (`--shutdown-timeout`); whatever is still running `--grace` seconds later is killed.
+SIGTERM for both: on SIGINT, vLLM's API server takes its engine's exit for a crash and logs it as an ERROR traceback
+(EngineDeadError), on every Ctrl-C.
 """
 
 from __future__ import annotations
@@ -50,14 +52,14 @@ class Supervisor:
         self._stop_deadline = float("inf")
         self._child: subprocess.Popen | None = None
 
-    def stop(self, signum: int, _frame=None) -> None:
-        """Signal handler: pass the signal on to vLLM, and stop restarting it."""
+    def stop(self, _signum: int, _frame=None) -> None:
+        """Signal handler: stop vLLM (SIGTERM, whichever stop signal came), and stop restarting it."""
         if not self.stopping.is_set():
             self._stop_deadline = time.monotonic() + self.grace_s
             self.stopping.set()
         child = self._child
         if child is not None and child.poll() is None:
-            child.send_signal(signum)
+            child.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
         restarts: deque[float] = deque()
