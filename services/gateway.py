@@ -46,7 +46,6 @@ class _Gateway:
         store = media_store(self.deployment.gateway.storage)
         for track in self.deployment.served_tracks():
             llm_service_ = self.components[track.track]["llm"]
-            llm_url = llm_service_.url or f"http://127.0.0.1:{track.llm.port}"
             fetcher = MediaFetcher(track.media)
             self.fetchers.append(fetcher)
             components = self._component_call(track.track)
@@ -59,7 +58,9 @@ class _Gateway:
                 track=track.track,
                 caches=track_caches(track, cache_metrics),
             )
-            llm = LLMClient.for_url(llm_url, runner_name=llm_service_.name, timeout=track.llm.timeout_s)
+            llm = LLMClient.for_dependency(
+                llm_service_.url, vllm_port=track.llm.port, runner_name=llm_service_.name, timeout=track.llm.timeout_s
+            )
             probes = {
                 track.service_name(kind): self._readiness(f"{track.track}_{kind}")
                 for kind in track.components_by_kind()

@@ -222,7 +222,7 @@ def test_transport_failures(failure, status, stream):
     with gateway() as gw:
         gw.llm.failure = failure
         error = error_of(gw.chat(hi(stream=stream)), status)
-    expected = "The language model timed out." if status == 504 else "The language model is unreachable."
+    expected = "The language model timed out." if status == 504 else "The language model is unavailable; retry shortly."
     assert error["message"] == expected
 
 

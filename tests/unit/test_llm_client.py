@@ -107,6 +107,35 @@ def test_no_runner_name_header_when_none_is_given(handler, tcp_server):
     assert [name for *_, name in handler.seen] == [None, None]
 
 
+@pytest.mark.parametrize(
+    "url", [None, "file:///run/bentoml/llm.sock", "http://127.0.0.1:3001", "http://localhost:3001"]
+)
+def test_an_llm_service_on_this_host_is_reached_at_its_vllm_server(handler, tcp_server, url):
+    """BentoML's worker for the service only proxies to vLLM on this host's loopback: the gateway skips it."""
+
+    async def run():
+        port = tcp_server.server_address[1]
+        client = LLMClient.for_dependency(url, vllm_port=port, runner_name="TrackA-LLM", timeout=5)
+        try:
+            assert await client.chat({"messages": []}) == COMPLETION
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+    assert handler.seen == [("POST", "/v1/chat/completions", None)]
+
+
+@pytest.mark.parametrize("url", ["http://trackb-llm.default.svc:3000", "https://hcx-llm.bentoml.ai"])
+def test_an_llm_service_on_another_host_is_reached_through_its_url(url):
+    """No traffic: only where the client would send, and the name BentoCloud routes on."""
+    client = LLMClient.for_dependency(url, vllm_port=8011, runner_name="TrackB-LLM", timeout=5)
+    try:
+        assert str(client._client.base_url).rstrip("/") == url
+        assert client._client.headers["Runner-Name"] == "TrackB-LLM"
+    finally:
+        asyncio.run(client.aclose())
+
+
 def test_proxy_settings_are_ignored(handler, tcp_server, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
@@ -166,6 +195,6 @@ def test_a_connection_closed_before_any_response_is_sent_again_once(stream, fail
         assert asyncio.run(run()) == ([COMPLETION] if stream else COMPLETION)
         assert calls == [{"n": 1}] * 2
     else:
-        with pytest.raises(ServiceUnavailableError, match="unreachable"):
+        with pytest.raises(ServiceUnavailableError, match="unavailable"):
             asyncio.run(run())
         assert len(calls) == 2  # once more, never a third time
