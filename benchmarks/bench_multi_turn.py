@@ -9,7 +9,9 @@
 2. Event loop: p50 latency of small text requests alone, then while `--uploaders` clients keep posting requests
    with a `--upload-mb` inline image (one picture, encoded once: what is left is the gateway's own work on the body:
    reading, parsing, base64 decoding, hashing, then a 1-token completion). The uploaders run in processes of their
-   own, so their sending does not slow the process that times the small requests.
+   own, so their sending does not slow the process that times the small requests. The same 1-token completion is
+   also sent straight to vLLM, which splits a slowdown into vLLM's share and the gateway's. `--placement`: see
+   `benchmarks/placement.py`.
 
     .venv/bin/python benchmarks/bench_multi_turn.py --out benchmarks/results/multi_turn.md
 """
@@ -33,6 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import placement  # noqa: E402
 from benchmarks.bench_encoders import machine, publish  # noqa: E402
 from hcxserve.tooling.testing import serve_bento  # noqa: E402
 
@@ -165,20 +168,22 @@ async def multi_turn(client: httpx.AsyncClient, base: str, args: argparse.Namesp
     return rows
 
 
-async def small_requests(client: httpx.AsyncClient, base: str, n: int) -> dict[str, list[float]]:
-    """Latencies of 1-token chat completions (gateway + vLLM) and of model lists (the gateway alone)."""
-    chat, models, hello = [], [], body([{"role": "user", "content": "Hi"}], 1)
+async def small_requests(client: httpx.AsyncClient, base: str, llm_url: str, n: int) -> dict[str, list[float]]:
+    """Latencies of 1-token chat completions through the gateway and straight to vLLM, and of model lists (the
+    gateway alone)."""
+    chat, direct, models, hello = [], [], [], body([{"role": "user", "content": "Hi"}], 1)
     for _ in range(n):
         chat.append((await post(client, f"{base}/v1/chat/completions", hello))[0])
+        direct.append((await post(client, f"{llm_url}/v1/chat/completions", hello))[0])
         start = time.perf_counter()
         (await client.get(f"{base}/v1/models")).raise_for_status()
         models.append(time.perf_counter() - start)
-    return {"chat": chat, "models": models}
+    return {"chat": chat, "direct": direct, "models": models}
 
 
 def upload_loop(url: str, content: bytes, status: int, stop, times) -> None:
-    """One uploader, in a process of its own: sending 27 MB is CPU work that must not run on the event loop (or
-    under the GIL) of the process timing the small requests."""
+    """One uploader, in a process of its own (on this process's cores): sending 27 MB is CPU work that must not run
+    on the event loop (or under the GIL) of the process timing the small requests."""
 
     async def upload() -> None:
         async with httpx.AsyncClient(timeout=600) as client:
@@ -200,12 +205,12 @@ UPLOAD_MODES = (
 )
 
 
-async def event_loop(client: httpx.AsyncClient, base: str, args: argparse.Namespace) -> dict:
+async def event_loop(client: httpx.AsyncClient, base: str, llm_url: str, args: argparse.Namespace) -> dict:
     url = f"{base}/v1/chat/completions"
     image = data_url(noise_png(args.upload_mb), "image/png")
     parts = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What is this?"}]
     await post(client, url, body([{"role": "user", "content": parts}], 1))  # encoded once: later uploads hit the cache
-    alone = await small_requests(client, base, args.n)
+    alone = await small_requests(client, base, llm_url, args.n)
     modes = {}
     spawn = multiprocessing.get_context("spawn")
     for label, bounds, status in UPLOAD_MODES:
@@ -218,7 +223,7 @@ async def event_loop(client: httpx.AsyncClient, base: str, args: argparse.Namesp
             for process in uploaders:
                 process.start()
             await asyncio.sleep(5.0)  # every uploader has started and has a request in flight
-            loaded = await small_requests(client, base, args.n)
+            loaded = await small_requests(client, base, llm_url, args.n)
             stop.set()
             for process in uploaders:
                 process.join()
@@ -230,14 +235,17 @@ def p50(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def report(rows: list[dict] | None, loop: dict | None, args: argparse.Namespace, ready_s: float) -> list[str]:
+def report(
+    rows: list[dict] | None, loop: dict | None, args: argparse.Namespace, ready_s: float, where: str
+) -> list[str]:
     lines = [
         "# Multi-turn and event-loop benchmark (track B bento, embedded defaults)",
         "",
         f"Machine: {machine()}. Bento ready in {ready_s:.0f} s.",
         f"Command: `.venv/bin/python benchmarks/bench_multi_turn.py --part {args.part} --repetitions "
         f"{args.repetitions} --tokens {args.tokens} --n {args.n} --uploaders {args.uploaders} "
-        f"--upload-mb {args.upload_mb:g}`",
+        f"--upload-mb {args.upload_mb:g} --placement {args.placement}`",
+        f"Placement: {where}.",
     ]
     return lines + (turns_section(rows, args) if rows else []) + (loop_section(loop, args) if loop else [])
 
@@ -280,14 +288,28 @@ def loop_section(loop: dict, args: argparse.Namespace) -> list[str]:
         "| uploads | small requests | alone p50 (s) | during the uploads p50 (s) | p95 (s) | ratio of p50s |",
         "|---|---|---|---|---|---|",
     ]
+    kinds = (
+        ("chat", "1-token chat completion (gateway + vLLM)"),
+        ("direct", "the same, straight to vLLM"),
+        ("models", "GET /v1/models (the gateway alone)"),
+    )
     for mode, result in loop["modes"].items():
         loaded = result["loaded"]
-        for kind, label in (("chat", "1-token chat completion (gateway + vLLM)"), ("models", "GET /v1/models")):
+        for kind, label in kinds:
             lines.append(
                 f"| {mode} | {label} | {p50(alone[kind]):.4f} | {p50(loaded[kind]):.4f} | "
                 f"{np.percentile(loaded[kind], 95):.4f} | **{p50(loaded[kind]) / p50(alone[kind]):.2f}x** |"
             )
-    lines += ["", "Target: <= 1.2x. Uploads completed meanwhile:"]
+    added = {mode: p50(r["loaded"]["chat"]) - p50(r["loaded"]["direct"]) for mode, r in loop["modes"].items()}
+    lines += [
+        "",
+        "What the gateway adds to the chat completion (p50 through it minus p50 straight to vLLM): "
+        f"alone {1e3 * (p50(alone['chat']) - p50(alone['direct'])):.1f} ms; "
+        + "; ".join(f"{mode} {1e3 * value:.1f} ms" for mode, value in added.items())
+        + ".",
+        "",
+        "Target: <= 1.2x. Uploads completed meanwhile:",
+    ]
     for mode, result in loop["modes"].items():
         lines.append(f"- {mode}: {len(result['uploads'])}, p50 {p50(result['uploads']):.2f} s each")
     return lines
@@ -297,16 +319,20 @@ async def run(args: argparse.Namespace) -> list[str]:
     logs = Path(args.log_dir)
     logs.mkdir(parents=True, exist_ok=True)
     overrides = {"b.media.max_image_bytes": int(args.upload_mb * 1.2e6) + (1 << 20)}
+    overrides |= placement.overrides(args.placement, "b")
     bento = serve_bento("bentos.track_b:Gateway", logs / "bento.log", tracks=["b"], overrides=overrides)
     try:
         ready = bento.wait_ready(f"{bento.url}/readyz", timeout=900)
         await asyncio.sleep(5)
+        where = placement.apply(args.placement, bento.proc.pid)
         async with httpx.AsyncClient(timeout=600) as client:
             rows = await multi_turn(client, bento.url, args) if args.part in ("all", "turns") else None
-            loop = await event_loop(client, bento.url, args) if args.part in ("all", "loop") else None
+            loop = (
+                await event_loop(client, bento.url, bento.llm_urls["b"], args) if args.part in ("all", "loop") else None
+            )
     finally:
         bento.stop()
-    return report(rows, loop, args, ready)
+    return report(rows, loop, args, ready, where)
 
 
 def main() -> None:
@@ -318,6 +344,7 @@ def main() -> None:
     parser.add_argument("--uploaders", type=int, default=4)
     parser.add_argument("--upload-mb", type=float, default=20.0)
     parser.add_argument("--part", choices=["all", "turns", "loop"], default="all")
+    parser.add_argument("--placement", choices=placement.PLACEMENTS, default="shared")
     parser.add_argument("--log-dir", default="/tmp/hcx-bench-multi-turn")
     parser.add_argument("--out", help="write the report here (markdown)")
     args = parser.parse_args()

@@ -16,6 +16,9 @@
    window and is flat after it: the soak runs with `--timeout` (60 s) for the gateway and the LLM so that the
    window fills early in the run.
 
+`--placement split` runs the gateway and the client on their own core(s), vLLM on another
+(`benchmarks/placement.py`).
+
     .venv/bin/python benchmarks/bench_overload.py --out benchmarks/results/overload.md
 """
 
@@ -37,6 +40,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import placement  # noqa: E402
 from benchmarks.bench_encoders import machine, publish  # noqa: E402
 from hcxserve.tooling.testing import serve_bento  # noqa: E402
 
@@ -170,10 +174,12 @@ async def run(args) -> list[str]:
         "gateway.retry_after_s": 2,
         "gateway.timeout_s": args.timeout,
         "a.llm.timeout_s": args.timeout,
+        **placement.overrides(args.placement, "a"),
     }
     bento = serve_bento("bentos.track_a:Gateway", Path(args.log), tracks=["a"], overrides=overrides, api_key=key)
     try:
         bento.wait_ready(f"{bento.url}/readyz", 900)
+        where = placement.apply(args.placement, bento.proc.pid)
         limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
         async with httpx.AsyncClient(base_url=bento.url, headers=bento.headers, timeout=600, limits=limits) as client:
             capacity = args.concurrent + args.queued
@@ -183,7 +189,7 @@ async def run(args) -> list[str]:
             storm = [(t, r.status_code, r.headers, r.content) for t, r in await burst(client, 10 * capacity)]
             opened = await burst_on_open_connections(bento.url, bento.headers, 10 * capacity)
             single_shed, single_statuses = await shed_one_by_one(client, capacity, 50)
-            samples, statuses = await soak(client, args.soak, bento.proc.pid)
+            samples, statuses = await soak(client, args.soak, bento.proc.pid) if args.soak else ([], {})
     finally:
         bento.stop()
     base = [t for t, _ in baseline]
@@ -191,6 +197,7 @@ async def run(args) -> list[str]:
         f"Overload and soak benchmark ({time.strftime('%Y-%m-%d')}, track A bento, embedded default models).",
         "",
         f"Machine: {machine()}. Gateway capacity: {args.concurrent} running + {args.queued} queued = {capacity}.",
+        f"Placement: {where}.",
         "",
         "| phase | requests | result |",
         "|---|---:|---|",
@@ -200,6 +207,10 @@ async def run(args) -> list[str]:
         *burst_rows("10x burst on open connections", opened, statistics.median(base)),
         f"| at capacity, one at a time | {len(single_shed)} | statuses {sorted(set(single_statuses))}; p50 "
         f"{1000 * statistics.median(single_shed):.1f} ms, max {1000 * max(single_shed):.1f} ms |",
+    ]
+    if not samples:
+        return lines
+    return lines + [
         f"| soak (16 concurrent) | {args.soak} | {samples[-1][1]:.0f} s, statuses {dict(sorted(statuses.items()))} |",
         "",
         f"Soak RSS (MB) every 1,000 requests (traffic timeout {args.timeout:g} s): gateway worker / whole tree",
@@ -210,7 +221,6 @@ async def run(args) -> list[str]:
         "",
         *window_summary(samples, args.timeout),
     ]
-    return lines
 
 
 def window_summary(samples: list[tuple[int, float, float, float]], timeout: float) -> list[str]:
@@ -229,7 +239,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--queued", type=int, default=8)
-    parser.add_argument("--soak", type=int, default=10_000)
+    parser.add_argument("--soak", type=int, default=10_000, help="0: no soak")
+    parser.add_argument("--placement", choices=placement.PLACEMENTS, default="shared")
     parser.add_argument("--timeout", type=float, default=60.0, help="traffic timeout of the gateway and the LLM")
     parser.add_argument("--log", default="/tmp/bench_overload.log")
     parser.add_argument("--out", type=Path)

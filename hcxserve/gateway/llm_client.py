@@ -114,9 +114,8 @@ class LLMClient:
         """The client for the LLM service at BentoML's dependency `url`. On this host (a Unix socket, a loopback
         address, or no URL: not served by BentoML) the service's worker only proxies to its vLLM server, which
         listens on this host's loopback at `vllm_port`: requests go to vLLM itself, a Python hop fewer that copied
-        every multi-megabyte embeddings body once more (measured: 2.5 ms less per small completion, 5% of a core
-        less while 27-MB uploads stream in; README "Multi-turn and a gateway that does not block"). A service on
-        another host (BentoCloud: a pod of its own) is reached through its URL."""
+        every multi-megabyte embeddings body once more (it took ~5% of a core while 27-MB uploads streamed in).
+        A service on another host (BentoCloud: a pod of its own) is reached through its URL."""
         if _on_this_host(url):
             return cls.for_url(f"http://127.0.0.1:{vllm_port}", runner_name=None, timeout=timeout)
         return cls.for_url(url, runner_name=runner_name, timeout=timeout)
