@@ -2,10 +2,10 @@
 through the LLM service's BentoML URL.
 
 BentoML gives dependency URLs as `file://<socket>` (Unix domain socket, the local default) or `tcp://host:port`;
-both are handled. A call through BentoML names the service in `Runner-Name`, which BentoCloud's load balancer routes
-on.
-vLLM's refusals of bad requests (4xx) reach the client as our own messages, or as vLLM's when it is a short
-sentence about the request; anything describing internals (and every server-side failure) is logged, not relayed.
+both are handled. A call through BentoML names the service in `Runner-Name`, which BentoCloud's load balancer
+routes on. vLLM's refusals of bad requests (4xx) reach the client as our own messages, or as vLLM's when it is a
+short sentence about the request; anything describing internals (and every server-side failure) is logged, not
+relayed.
 """
 
 from __future__ import annotations
