@@ -54,9 +54,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_encoders import Level, batching_table, machine, publish  # noqa: E402
-from hcxserve.config import dotted_overrides, load_track  # noqa: E402
-from hcxserve.tooling.testing import ServedProcess, config_env, free_port, serve_bento, serve_env  # noqa: E402
+from benchmarks.bench_encoders import (  # noqa: E402
+    JSON,
+    ComponentServer,
+    batching_table,
+    closed_loop,
+    interleaved_rounds,
+    machine,
+    publish,
+)
+from hcxserve.config import load_track  # noqa: E402
+from hcxserve.tooling.testing import ServedProcess, serve_bento, serve_env  # noqa: E402
 
 MODEL = "track_b_model"
 UNITS_PER_SECOND = 25  # CosyVoice units
@@ -114,67 +122,35 @@ def with_steps(body: bytes, steps: int) -> bytes:
     return json.dumps(data).encode()
 
 
-class Server:
-    """`bentoml serve benchmarks.encoder_bento:<Svc>` of one decoder, batching as configured or off."""
-
-    def __init__(self, decoder: Decoder, mode: str, env: dict[str, str], log_dir: Path) -> None:
-        self.mode = mode
-        self.port = free_port()
-        overrides = {} if mode == "batching" else {f"b.components.{decoder.section}.max_batch_size": 1}
-        self.config = load_track("b", overrides=dotted_overrides(["b"], overrides))
-        self.component = getattr(self.config.components, decoder.section)
-        cmd = [str(ROOT / ".venv/bin/bentoml"), "serve", f"benchmarks.encoder_bento:{decoder.service}",
-               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
-        self.log = log_dir / f"{decoder.key}-{mode}.log"
-        self.proc = ServedProcess(cmd, {**env, "HCX_BENCH_TRACK": "b", **config_env(overrides)}, self.log)
-        STARTED.append(self.proc)
-        self.url = f"http://127.0.0.1:{self.port}/decode"
-
-
-async def call(client: httpx.AsyncClient, url: str, body: bytes) -> tuple[float, dict | None]:
-    """Latency of one request and its answer (None when it failed: an error status or a refused item)."""
-    start = time.perf_counter()
-    response = await client.post(url, content=body, headers={"Content-Type": "application/json"})
-    elapsed = time.perf_counter() - start
+def decoded(response: httpx.Response) -> dict | None:
+    """The decoder's answer; None when it failed: an error status or a refused item."""
     if response.status_code != 200:
-        return elapsed, None
+        return None
     result = response.json()
-    return elapsed, (None if "error" in result else result)
+    return None if "error" in result else result
 
 
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, total: int) -> tuple[float, list[float], int]:
-    """`total` requests, `concurrency` in flight, cycling through `bodies`: items/s (answered ones), the latency of
-    each answered one, and how many failed."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
-        sent, latencies, failed = [0], [], [0]
-
-        async def worker() -> None:
-            while sent[0] < total:
-                body = bodies[sent[0] % len(bodies)]
-                sent[0] += 1
-                latency, result = await call(client, url, body)
-                if result is None:
-                    failed[0] += 1
-                else:
-                    latencies.append(latency)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(latencies) / (time.perf_counter() - start), latencies, failed[0]
+def answered(response: httpx.Response) -> bool:
+    return decoded(response) is not None
 
 
 async def bench_decoder(decoder: Decoder, args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> dict:
     bodies = request_pool(decoder, args)
-    servers = [Server(decoder, mode, env, log_dir) for mode in ("bs1", "batching")]
+    servers = [
+        ComponentServer(
+            decoder.service, "b", decoder.section, "decode", mode, env, log_dir / f"{decoder.key}-{mode}.log"
+        )
+        for mode in ("bs1", "batching")
+    ]
+    STARTED.extend(server.proc for server in servers)
     try:
         for server in servers:
-            server.proc.wait_ready(f"http://127.0.0.1:{server.port}/readyz", timeout=600)
+            server.wait_ready()
         output = ""
         warm = 12 if decoder.key == "audio" else 2
         for server in servers:
             async with httpx.AsyncClient(timeout=900) as client:
-                _, result = await call(client, server.url, bodies[0])
+                result = decoded(await client.post(server.url, content=bodies[0], headers=JSON))
             if result is None:
                 raise RuntimeError(f"{decoder.key} decoder ({server.mode}) refused the benchmark's request")
             if decoder.key == "audio":
@@ -185,25 +161,14 @@ async def bench_decoder(decoder: Decoder, args: argparse.Namespace, env: dict[st
             await closed_loop(server.url, bodies, 1, warm)
             for c in args.concurrency:
                 await closed_loop(server.url, bodies, c, c if decoder.key == "vision" else max(2 * c, 8))
-        results: dict[str, dict[int, Level]] = {s.mode: {c: Level() for c in args.concurrency} for s in servers}
-        load: list[float] = []  # the 1-min load average after each measurement
-        for r in range(args.rounds):
-            for c in args.concurrency:
-                for server in servers if r % 2 == 0 else servers[::-1]:
-                    rate, latencies, failed = await closed_loop(server.url, bodies, c, decoder.items)
-                    level = results[server.mode][c]
-                    level.rates.append(rate)
-                    level.latencies += latencies
-                    level.failed += failed
-                    load.append(os.getloadavg()[0])
-            print(f"  {decoder.key}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        results, load = await interleaved_rounds(servers, bodies, args, decoder.items, decoder.key, answered=answered)
         steps = {}
         if decoder.key == "vision":
             batching = servers[1]
             for n in args.step_counts:
                 timed = [with_steps(body, n) for body in bodies]
                 await closed_loop(batching.url, timed, 1, 1)
-                _, latencies, failed = await closed_loop(batching.url, timed, 1, args.step_reps)
+                _, latencies, failed = await closed_loop(batching.url, timed, 1, args.step_reps, answered=answered)
                 steps[n] = (latencies, failed)
                 load.append(os.getloadavg()[0])
             print("  vision: step counts done", file=sys.stderr, flush=True)

@@ -36,6 +36,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,35 +119,84 @@ class Level:
         return statistics.median(self.latencies) * 1000
 
 
-class Server:
-    def __init__(self, encoder: Encoder, mode: str, env: dict[str, str], log_dir: Path) -> None:
+JSON = {"Content-Type": "application/json"}
+
+
+class ComponentServer:
+    """`bentoml serve benchmarks.encoder_bento:<service>` (on loopback) for one component of `track`: "batching" as
+    configured, "bs1" with `max_batch_size: 1`, which serves the same method with batching off."""
+
+    def __init__(
+        self, service: str, track: str, section: str, endpoint: str, mode: str, env: dict[str, str], log: Path
+    ) -> None:
         self.mode = mode
-        self.section = encoder.section
         self.port = free_port()
-        overrides = {} if mode == "batching" else {f"{encoder.track}.components.{encoder.section}.max_batch_size": 1}
-        self.env = {**env, "HCX_BENCH_TRACK": encoder.track, **config_env(overrides)}
-        self.config = load_track(encoder.track, overrides=dotted_overrides([encoder.track], overrides))
-        cmd = [
-            str(ROOT / ".venv/bin/bentoml"),
-            "serve",
-            f"benchmarks.encoder_bento:{encoder.service.replace('Encoder', 'Bench')}",
-            "--port",
-            str(self.port),
-        ]
-        self.proc = ServedProcess(cmd, self.env, log_dir / f"{encoder.key}-{mode}.log")
-        self.url = f"http://127.0.0.1:{self.port}/encode"
+        overrides = {} if mode == "batching" else {f"{track}.components.{section}.max_batch_size": 1}
+        self.component = getattr(load_track(track, overrides=dotted_overrides([track], overrides)).components, section)
+        cmd = [str(ROOT / ".venv/bin/bentoml"), "serve", f"benchmarks.encoder_bento:{service}",
+               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        self.log = log
+        self.proc = ServedProcess(cmd, {**env, "HCX_BENCH_TRACK": track, **config_env(overrides)}, log)
+        self.url = f"http://127.0.0.1:{self.port}/{endpoint}"
 
-    @property
-    def max_batch_size(self) -> int:
-        return getattr(self.config.components, self.section).max_batch_size
+    def wait_ready(self) -> None:
+        self.proc.wait_ready(f"http://127.0.0.1:{self.port}/readyz", timeout=600)
 
 
-async def post(client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]) -> float | None:
-    """Latency of one request, None when it failed (counted, not timed)."""
-    start = time.perf_counter()
-    response = await client.post(url, content=body, headers=headers)
-    elapsed = time.perf_counter() - start
-    return elapsed if response.status_code == 200 else None
+def status_ok(response: httpx.Response) -> bool:
+    return response.status_code == 200
+
+
+async def closed_loop(
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+    total: int,
+    *,
+    headers: dict[str, str] = JSON,
+    answered: Callable[[httpx.Response], bool] = status_ok,
+) -> tuple[float, list[float], int]:
+    """`total` requests, `concurrency` in flight, cycling through `bodies`: items/s (answered ones), the latency of
+    each answered one, and how many failed (`answered` says which did not)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+        sent, latencies, failed = [0], [], [0]
+
+        async def worker() -> None:
+            while sent[0] < total:
+                body = bodies[sent[0] % len(bodies)]
+                sent[0] += 1
+                start = time.perf_counter()
+                response = await client.post(url, content=body, headers=headers)
+                elapsed = time.perf_counter() - start
+                if answered(response):
+                    latencies.append(elapsed)
+                else:
+                    failed[0] += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(latencies) / (time.perf_counter() - start), latencies, failed[0]
+
+
+async def interleaved_rounds(
+    servers: list[ComponentServer], bodies: list[bytes], args: argparse.Namespace, items: int, label: str, **loop
+) -> tuple[dict[str, dict[int, Level]], list[float]]:
+    """Every concurrency level `args.rounds` times on each server, alternating which goes first so that drift on a
+    shared machine hits both alike; also the 1-min load average after each measurement."""
+    results = {s.mode: {c: Level() for c in args.concurrency} for s in servers}
+    load = []
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            for server in servers if r % 2 == 0 else servers[::-1]:
+                rate, latencies, failed = await closed_loop(server.url, bodies, c, items, **loop)
+                level = results[server.mode][c]
+                level.rates.append(rate)
+                level.latencies += latencies
+                level.failed += failed
+                load.append(os.getloadavg()[0])
+        print(f"  {label}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    return results, load
 
 
 def check_response(response: httpx.Response) -> str:
@@ -157,36 +207,19 @@ def check_response(response: httpx.Response) -> str:
     return f"{result['rows']}x{result['dim']} {result['dtype']}"
 
 
-async def closed_loop(url: str, body: bytes, headers: dict[str, str], concurrency: int, total: int):
-    """`total` single-item requests, `concurrency` in flight: items/s (answered ones), the latency of each,
-    and how many failed."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        remaining = [total]
-        latencies: list[float] = []
-        failed = [0]
-
-        async def worker() -> None:
-            while remaining[0] > 0:
-                remaining[0] -= 1
-                latency = await post(client, url, body, headers)
-                if latency is None:
-                    failed[0] += 1
-                else:
-                    latencies.append(latency)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(latencies) / (time.perf_counter() - start), latencies, failed[0]
-
-
 async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> dict:
     body, headers = encoder.request_body()
+    service = encoder.service.replace("Encoder", "Bench")
     # both servers run side by side (an idle one costs no CPU) so their rounds can be interleaved
-    servers = [Server(encoder, mode, env, log_dir) for mode in ("bs1", "batching")]
+    servers = [
+        ComponentServer(
+            service, encoder.track, encoder.section, "encode", mode, env, log_dir / f"{encoder.key}-{mode}.log"
+        )
+        for mode in ("bs1", "batching")
+    ]
     try:
         for server in servers:
-            server.proc.wait_ready(f"http://127.0.0.1:{server.port}/readyz", timeout=600)
+            server.wait_ready()
         shape = ""
         for server in servers:
             async with httpx.AsyncClient(timeout=600) as client:
@@ -195,25 +228,15 @@ async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[st
                 shape = check_response(response)
             # warm-up: the dispatcher trains its latency model on its first ~12 calls, then both servers see
             # every concurrency level once before anything is timed
-            await closed_loop(server.url, body, headers, 1, 16)
+            await closed_loop(server.url, [body], 1, 16, headers=headers)
             for c in args.concurrency:
-                await closed_loop(server.url, body, headers, c, max(2 * c, 8))
-        results: dict[str, dict[int, Level]] = {s.mode: {c: Level() for c in args.concurrency} for s in servers}
-        for r in range(args.rounds):
-            for c in args.concurrency:
-                order = servers if r % 2 == 0 else servers[::-1]
-                for server in order:
-                    rate, latencies, failed = await closed_loop(server.url, body, headers, c, encoder.items)
-                    level = results[server.mode][c]
-                    level.rates.append(rate)
-                    level.latencies += latencies
-                    level.failed += failed
-            print(f"  {encoder.key}: round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+                await closed_loop(server.url, [body], c, max(2 * c, 8), headers=headers)
+        results, _ = await interleaved_rounds(servers, [body], args, encoder.items, encoder.key, headers=headers)
         return {
             "encoder": encoder,
             "results": results,
-            "max_batch_size": {s.mode: s.max_batch_size for s in servers},
-            "threads": getattr(servers[0].config.components, encoder.section).threads,
+            "max_batch_size": {s.mode: s.component.max_batch_size for s in servers},
+            "threads": servers[0].component.threads,
             "shape": shape,
             "ready_s": {s.mode: s.proc.ready_after_s for s in servers},
         }
