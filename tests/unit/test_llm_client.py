@@ -115,8 +115,9 @@ def test_an_llm_service_on_this_host_is_reached_at_its_vllm_server(handler, tcp_
 
     async def run():
         port = tcp_server.server_address[1]
-        client = LLMClient.for_dependency(url, vllm_port=port, runner_name="TrackA-LLM", timeout=5)
+        client = LLMClient.for_dependency(url, vllm_port=port, runner_name="TrackA-LLM", timeout=7.5)
         try:
+            assert client._client.timeout.read == 7.5
             assert await client.chat({"messages": []}) == COMPLETION
         finally:
             await client.aclose()
@@ -128,10 +129,11 @@ def test_an_llm_service_on_this_host_is_reached_at_its_vllm_server(handler, tcp_
 @pytest.mark.parametrize("url", ["http://trackb-llm.default.svc:3000", "https://hcx-llm.bentoml.ai"])
 def test_an_llm_service_on_another_host_is_reached_through_its_url(url):
     """No traffic: only where the client would send, and the name BentoCloud routes on."""
-    client = LLMClient.for_dependency(url, vllm_port=8011, runner_name="TrackB-LLM", timeout=5)
+    client = LLMClient.for_dependency(url, vllm_port=8011, runner_name="TrackB-LLM", timeout=7.5)
     try:
         assert str(client._client.base_url).rstrip("/") == url
         assert client._client.headers["Runner-Name"] == "TrackB-LLM"
+        assert client._client.timeout.read == 7.5
     finally:
         asyncio.run(client.aclose())
 
