@@ -90,11 +90,10 @@ class Encoder:
     def component(self) -> str:
         return "ve" if self.service == "VisionEncoder" else "ae"
 
-    def request_body(self) -> tuple[bytes, dict[str, str]]:
+    def request_body(self) -> bytes:
         """One request of one item, serialized once (the client's own CPU time stays out of the figures)."""
         data = test_png(self.image_size, self.image_size) if self.service == "VisionEncoder" else test_wav()
-        body = json.dumps({"data_b64": base64.b64encode(data).decode("ascii")}).encode()
-        return body, {"Content-Type": "application/json"}
+        return json.dumps({"data_b64": base64.b64encode(data).decode("ascii")}).encode()
 
 
 ENCODERS = {
@@ -153,7 +152,6 @@ async def closed_loop(
     concurrency: int,
     total: int,
     *,
-    headers: dict[str, str] = JSON,
     answered: Callable[[httpx.Response], bool] = status_ok,
 ) -> tuple[float, list[float], int]:
     """`total` requests, `concurrency` in flight, cycling through `bodies`: items/s (answered ones), the latency of
@@ -167,7 +165,7 @@ async def closed_loop(
                 body = bodies[sent[0] % len(bodies)]
                 sent[0] += 1
                 start = time.perf_counter()
-                response = await client.post(url, content=body, headers=headers)
+                response = await client.post(url, content=body, headers=JSON)
                 elapsed = time.perf_counter() - start
                 if answered(response):
                     latencies.append(elapsed)
@@ -208,7 +206,7 @@ def check_response(response: httpx.Response) -> str:
 
 
 async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> dict:
-    body, headers = encoder.request_body()
+    body = encoder.request_body()
     service = encoder.service.replace("Encoder", "Bench")
     # both servers run side by side (an idle one costs no CPU) so their rounds can be interleaved
     servers = [
@@ -223,15 +221,15 @@ async def bench_encoder(encoder: Encoder, args: argparse.Namespace, env: dict[st
         shape = ""
         for server in servers:
             async with httpx.AsyncClient(timeout=600) as client:
-                response = await client.post(server.url, content=body, headers=headers)
+                response = await client.post(server.url, content=body, headers=JSON)
                 response.raise_for_status()
                 shape = check_response(response)
             # warm-up: the dispatcher trains its latency model on its first ~12 calls, then both servers see
             # every concurrency level once before anything is timed
-            await closed_loop(server.url, [body], 1, 16, headers=headers)
+            await closed_loop(server.url, [body], 1, 16)
             for c in args.concurrency:
-                await closed_loop(server.url, [body], c, max(2 * c, 8), headers=headers)
-        results, _ = await interleaved_rounds(servers, [body], args, encoder.items, encoder.key, headers=headers)
+                await closed_loop(server.url, [body], c, max(2 * c, 8))
+        results, _ = await interleaved_rounds(servers, [body], args, encoder.items, encoder.key)
         return {
             "encoder": encoder,
             "results": results,

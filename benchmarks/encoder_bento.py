@@ -26,13 +26,16 @@ from hcxserve.config import load_track
 TRACK = os.environ.get("HCX_BENCH_TRACK", "a")
 
 
+# service class name -> component kind
+_KINDS = {"VisionEncoder": "vision_encoder", "AudioEncoder": "audio_encoder", "AudioDecoder": "audio_decoder",
+          "VisionDecoder": "vision_decoder"}  # fmt: skip
+
+
 def _component(name: str) -> type:
     """The real service class of a component ("VisionEncoder", "AudioDecoder", ...) of the benchmarked track."""
     from services.components import COMPONENT_SERVICES
 
-    kind = {"VisionEncoder": "vision_encoder", "AudioEncoder": "audio_encoder", "AudioDecoder": "audio_decoder",
-            "VisionDecoder": "vision_decoder"}[name]  # fmt: skip
-    return COMPONENT_SERVICES[kind](load_track(TRACK))
+    return COMPONENT_SERVICES[_KINDS[name]](load_track(TRACK))
 
 
 def _bench(encoder: type) -> type:
@@ -93,7 +96,7 @@ def _decoder_bench(decoder: type) -> type:
 
 
 def __getattr__(name: str):
-    if name in ("VisionEncoder", "AudioEncoder", "AudioDecoder", "VisionDecoder"):
+    if name in _KINDS:
         service = _component(name)
     elif name in ("AudioDecoderBench", "VisionDecoderBench"):
         service = _decoder_bench(_component(name.removesuffix("Bench")))

@@ -7,7 +7,8 @@ server."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+import psutil
 
 from hcxserve.config import load_track
 
@@ -29,24 +30,15 @@ def overrides(placement: str, track: str) -> dict:
     return {f"{track}.llm.env": {**env, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(LLM_CORES)))}}
 
 
-def process_tree(root: int) -> list[int]:
-    pids, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        pids.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                stack += [int(child) for child in (task / "children").read_text().split()]
-            except OSError:  # gone meanwhile
-                pass
-    return pids
-
-
-def pin(pid: int, cores: set[int]) -> None:
-    """Every thread of `pid` on `cores` (affinity is per thread; a new thread inherits its creator's)."""
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+def pin(process: psutil.Process, cores: set[int]) -> None:
+    """Every thread of `process` on `cores` (affinity is per thread; a new thread inherits its creator's)."""
+    try:
+        threads = process.threads()
+    except psutil.NoSuchProcess:
+        return
+    for thread in threads:
         try:
-            os.sched_setaffinity(int(task.name), cores)
+            os.sched_setaffinity(thread.id, cores)
         except OSError:  # gone meanwhile
             pass
 
@@ -55,14 +47,15 @@ def apply(placement: str, server_pid: int) -> str:
     """Places the served bento (its `bentoml serve` process tree) and this process; says where each runs."""
     if placement != "split":
         return "every process on every core"
-    bento = process_tree(server_pid)
+    root = psutil.Process(server_pid)
+    bento = [root, *root.children(recursive=True)]
     vllm = {
-        pid
-        for root in bento
-        if b"vllm.entrypoints" in Path(f"/proc/{root}/cmdline").read_bytes()
-        for pid in process_tree(root)
+        process.pid
+        for launcher in bento  # the LLM supervisor and the vLLM server it runs both name vLLM's entry point
+        if "vllm.entrypoints" in " ".join(launcher.cmdline())
+        for process in [launcher, *launcher.children(recursive=True)]
     }
-    for pid in bento:
-        pin(pid, LLM_CORES if pid in vllm else OTHER_CORES)
-    pin(os.getpid(), OTHER_CORES)
+    for process in bento:
+        pin(process, LLM_CORES if process.pid in vllm else OTHER_CORES)
+    pin(psutil.Process(), OTHER_CORES)
     return f"vLLM on core(s) {sorted(LLM_CORES)}, everything else (gateway, encoders, clients) on {sorted(OTHER_CORES)}"
