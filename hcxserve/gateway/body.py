@@ -1,5 +1,6 @@
 """Reading a chat request's body: bounded while it arrives, parsed (off the event loop when large) into JSON that
-the LLM can take again, then validated into the protocol model.
+the LLM can take again, then validated into the protocol model. A large body's long base64 media stays in its
+bytes (`inline_media`): no multi-megabyte str is built, and the parser holds the GIL for the small rest only.
 
 What `json.loads` accepts but nothing downstream can encode is refused here, as a 400: `NaN`/`Infinity` (and
 numbers that overflow to them), lone UTF-16 surrogates, and nesting beyond a depth limit (which would also blow
@@ -18,6 +19,7 @@ import msgspec
 import pydantic
 from starlette.requests import Request
 
+from hcxserve.gateway import inline_media
 from hcxserve.protocol.errors import InvalidRequestError, PayloadTooLargeError, invalid_request_from_validation
 from hcxserve.protocol.openai import ChatCompletionRequest
 
@@ -73,17 +75,36 @@ def _well_formed(value: Any, max_depth: int) -> bool:
     return True
 
 
-def parse_json_body(raw: bytes, max_depth: int) -> Any:
-    """msgspec parses (a vLLM dependency: ~3x faster than `json`, and it holds the GIL while it works, so a 27-MB
-    body stalls the event loop's thread for ~8 ms instead of ~25). What it refuses (NaN, 1e999, lone surrogates,
-    deep nesting, bad UTF-8) is parsed again by `json`, whose hooks decide exactly as before."""
+def _parse_whole(raw: bytes) -> Any:
+    """msgspec parses (a vLLM dependency: ~3x faster than `json`, but it holds the GIL while it works). What it
+    refuses (NaN, 1e999, lone surrogates, deep nesting, bad UTF-8) is parsed again by `json`, whose hooks decide
+    exactly as before."""
     try:
-        body = msgspec.json.decode(raw)
+        return msgspec.json.decode(raw)
     except (msgspec.MsgspecError, ValueError, RecursionError):
         try:
-            body = json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
+            return json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
+
+
+def _parse_without_inline_media(raw: bytes) -> Any | None:
+    """The body parsed with its large base64 media left in its bytes (`inline_media`); None when that does not
+    give the request the whole body would."""
+    cut, found = inline_media.cut(raw)
+    if not found:
+        return None
+    try:
+        body = msgspec.json.decode(cut)
+    except (msgspec.MsgspecError, ValueError, RecursionError):
+        return None
+    return body if inline_media.place(body, found) else None
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> Any:
+    body = _parse_without_inline_media(raw) if len(raw) > _PARSE_INLINE_BYTES else None
+    if body is None:
+        body = _parse_whole(raw)
     if not _well_formed(body, max_depth):
         raise InvalidRequestError(
             f"the request body nests deeper than {max_depth} levels or holds an invalid (lone surrogate) string",

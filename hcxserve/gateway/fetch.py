@@ -25,14 +25,16 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
+import msgspec
 import pybase64
 
 from hcxserve.config import MediaConfig
-from hcxserve.protocol.errors import MediaError, PayloadTooLargeError
+from hcxserve.protocol.errors import InvalidRequestError, MediaError, PayloadTooLargeError
+from hcxserve.protocol.openai import InlineMedia
 
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _DECODE_INLINE_CHARS = 256 << 10  # larger inline media is decoded off the event loop
-_MAX_DATA_URL_HEADER = 1024  # where a data: URL's comma must be (its media type and parameters come before it)
+MAX_DATA_URL_HEADER = 1024  # where a data: URL's comma must be (its media type and parameters come before it)
 
 
 # `is_global` is True for these, yet none of them is a public unicast host a client may point us at
@@ -128,8 +130,10 @@ class MediaFetcher:
 
     async def fetch(self, ref: str, *, param: str, max_bytes: int | None = None) -> bytes:
         """The media's bytes; `max_bytes` defaults to the image limit."""
-        ref = ref.strip()
         limit = max_bytes or self.config.max_image_bytes
+        if isinstance(ref, InlineMedia):
+            return await self._off_loop(self._decode_inline, ref, param, limit, size=ref.end - ref.start)
+        ref = ref.strip()
         try:
             # a data: URL is told by its prefix: urlsplit would scan (and copy) megabytes of it
             scheme = "data" if ref[:5].lower() == "data:" else urlsplit(ref).scheme.lower() if ":" in ref[:16] else ""
@@ -150,9 +154,9 @@ class MediaFetcher:
         return await self._off_loop(self._decode_base64, ref, param, limit)
 
     @staticmethod
-    async def _off_loop(decode, text: str, param: str, limit: int) -> bytes:
+    async def _off_loop(decode, text: str, param: str, limit: int, *, size: int | None = None) -> bytes:
         """Inline media decoded in a thread when it is large: megabytes of base64 would stall the event loop."""
-        if len(text) > _DECODE_INLINE_CHARS:
+        if (len(text) if size is None else size) > _DECODE_INLINE_CHARS:
             return await asyncio.to_thread(decode, text, param, limit)
         return decode(text, param, limit)
 
@@ -179,12 +183,29 @@ class MediaFetcher:
             raise MediaError(f"{param}: empty media", param=param)
         return data
 
+    def _decode_inline(self, media: InlineMedia, param: str, limit: int) -> bytes:
+        """Plain, padded base64 is decoded straight from the body's bytes; anything else (JSON escapes such as
+        `\\/`, whitespace, missing padding) is read as the JSON string the client wrote and decoded as any other."""
+        payload = media.payload
+        tail = payload[-2:].tobytes()
+        if (len(payload) - (len(tail) - len(tail.rstrip(b"=")))) * 3 // 4 <= limit:
+            with contextlib.suppress(binascii.Error, ValueError):
+                if data := pybase64.b64decode(payload, validate=True):
+                    return data
+        # not plain base64, or over the limit by its length (which escapes lengthen): the exact checks decide
+        try:
+            text = media.header + msgspec.json.decode(b'"' + payload.tobytes() + b'"')
+        except (msgspec.DecodeError, ValueError):  # a control character, bad UTF-8: as parsing the whole body would
+            raise InvalidRequestError("the request body is not valid JSON", code="invalid_json") from None
+        text = text.strip()
+        return self._decode_data_url(text, param, limit) if media.header else self._decode_base64(text, param, limit)
+
     def _decode_data_url(self, url: str, param: str, limit: int) -> bytes:
-        comma = url.find(",", 5, _MAX_DATA_URL_HEADER)
+        comma = url.find(",", 5, MAX_DATA_URL_HEADER)
         if comma < 0:
             raise MediaError(f"{param}: malformed data: URL (no comma)", param=param)
         header, payload = url[5:comma], url[comma + 1 :]
-        if header.endswith(";base64"):
+        if header.lower().endswith(";base64"):
             return self._decode_base64(payload.strip(), param, limit)
         self._check_size(len(payload), param, limit)
         data = unquote_to_bytes(payload)

@@ -39,6 +39,7 @@ from hcxserve.protocol.openai import (
     ChatCompletionRequest,
     ImagePart,
     ImageURLPart,
+    InlineMedia,
     InputAudioPart,
     TextPart,
     URLRef,
@@ -260,7 +261,8 @@ class Audio(Modality):
                     param=f"{ref.param}.input_audio.format",
                     code="unsupported_audio_format",
                 )
-            source = url_inside_base64(source) or source
+            if not isinstance(source, InlineMedia):  # kept in the body's bytes: far too long for a URL
+                source = url_inside_base64(source) or source
         data = await self.fetcher.fetch(source, param=ref.param, max_bytes=self.media.max_audio_bytes)
         return AudioInput(data=data, max_seconds=self.media.max_audio_seconds, min_seconds=self.media.min_audio_seconds)
 

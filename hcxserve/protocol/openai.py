@@ -15,6 +15,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_serializer,
     model_validator,
@@ -26,13 +28,44 @@ class _Strict(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- content parts
+class InlineMedia(str):
+    """A large base64 medium left where the request body held it (`hcxserve.gateway.inline_media` cuts it out before
+    the body is parsed, so no multi-megabyte str is ever built): `body[start:end]` is the base64 as the client wrote
+    it, JSON escapes and all, and `header` its data: URL's header up to the comma ("" for bare base64).
+
+    As a str it is a short stand-in that starts with that header, so whatever reads a reference's header (a
+    `data:video/` prefix) reads it as it would the URL; only the fetcher reads the payload."""
+
+    header: str
+    body: bytes
+    start: int
+    end: int
+
+    def __new__(cls, header: str, body: bytes, start: int, end: int) -> InlineMedia:
+        self = super().__new__(cls, f"{header}<{end - start} bytes of base64 in the request body>")
+        self.header, self.body, self.start, self.end = header, body, start, end
+        return self
+
+    @property
+    def payload(self) -> memoryview:
+        return memoryview(self.body)[self.start : self.end]
+
+
+def _keep_inline(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    return value if isinstance(value, InlineMedia) else handler(value)
+
+
+# where a media reference goes: a URL, a data: URL or base64, or the same kept in the body's bytes
+MediaSource = Annotated[str, Field(min_length=1), WrapValidator(_keep_inline)]
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
 class URLRef(_Strict):
-    url: str = Field(min_length=1)
+    url: MediaSource
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -53,7 +86,7 @@ class ImagePart(_Strict):
     """`{"type": "image", "image": "<url or data URL>"}` (the Qwen/vLLM form)."""
 
     type: Literal["image"]
-    image: str = Field(min_length=1)
+    image: MediaSource
 
 
 class _VideoOptions(_Strict):
@@ -71,11 +104,11 @@ class VideoPart(_VideoOptions):
     """`{"type": "video", "video": <video URL> | [<frame URL>, ...]}` (the Qwen/vLLM form)."""
 
     type: Literal["video"]
-    video: str | list[str] = Field(min_length=1)
+    video: MediaSource | list[MediaSource] = Field(min_length=1)
 
 
 class InputAudio(_Strict):
-    data: str = Field(min_length=1)
+    data: MediaSource
     format: str | None = None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
 import pytest
 
@@ -554,6 +555,77 @@ def test_a_url_inside_base64_is_recognised_up_to_2048_characters():
         assert gw.audio.clips[-1].data == base64.b64decode(over)
 
 
+# ---------------------------------------------------------------------------------------------- large inline media
+# bodies over 256 KiB leave their long base64 strings in the body's bytes (`hcxserve.gateway.inline_media`)
+LARGE_PNG = make_noise_png(300, 300)
+LARGE_WAV = make_audio(6.0)
+
+
+def post_raw(gw, raw: bytes):
+    return gw.http.post(f"{gw.prefix}/chat/completions", content=raw, headers={"content-type": "application/json"})
+
+
+def escaped(raw: bytes, data: bytes) -> bytes:
+    """`raw` with `data`'s base64 written with every slash escaped, as some JSON encoders do."""
+    return raw.replace(b64(data).encode(), b64(data).replace("/", "\\/").encode())
+
+
+@pytest.mark.parametrize(
+    ("track", "part", "sent", "rewrite"),
+    [
+        ("a", image_url(data_url(LARGE_PNG)), "images", None),
+        ("a", image_url(data_url(LARGE_PNG)), "images", lambda raw: escaped(raw, LARGE_PNG)),
+        ("a", image_url(data_url(LARGE_PNG) + "  "), "images", None),
+        ("a", image_url(data_url(LARGE_PNG).upper()[:22] + b64(LARGE_PNG).rstrip("=")), "images", None),
+        ("a", {"type": "image", "image": b64(LARGE_PNG)}, "images", None),
+        ("a", image_url(data_url(LARGE_PNG, "video/mp4")), "videos", None),  # told a video by its header
+        ("b", input_audio(b64(LARGE_WAV)), "clips", None),
+        ("b", input_audio(b64(LARGE_WAV)), "clips", lambda raw: escaped(raw, LARGE_WAV)),
+        ("b", {"type": "audio_url", "audio_url": data_url(LARGE_WAV, "audio/wav")}, "clips", None),
+    ],
+    ids=["data-url", "escaped-slashes", "trailing-spaces", "unpadded-upper-case", "bare-base64",
+         "video-in-image-part", "input-audio", "input-audio-escaped", "audio-url"],
+)  # fmt: skip
+def test_large_inline_media_reaches_the_encoder_byte_for_byte(track, part, sent, rewrite):
+    raw = json.dumps(user(part, text())).encode()
+    assert len(raw) > 256 << 10
+    with gateway(track, **{"media.video_sound": False}) as gw:
+        response = post_raw(gw, rewrite(raw) if rewrite else raw)
+        assert response.status_code == 200, response.text
+        encoder = gw.audio if sent == "clips" else gw.vision
+        assert [item.data for item in getattr(encoder, sent)] == [LARGE_WAV if sent == "clips" else LARGE_PNG]
+
+
+@pytest.mark.parametrize("byte", [b"\x01", b"\xff"], ids=["control-character", "bad-utf8"])
+def test_a_large_payload_that_is_not_json_text_makes_the_body_invalid_json(byte):
+    raw = json.dumps(user(image_url(data_url(LARGE_PNG)))).encode()
+    middle = len(raw) // 2
+    with gateway() as gw:
+        error = refused(post_raw(gw, raw[:middle] + byte + raw[middle:]), 400, None, "invalid_json")
+        assert error["message"] == "the request body is not valid JSON"
+        assert gw.vision.calls == 0 and gw.llm.requests == []
+
+
+@pytest.mark.parametrize(
+    ("url", "overrides", "status", "code"),
+    [
+        (data_url(LARGE_PNG), {"media.max_image_bytes": len(LARGE_PNG) - 1}, 413, "payload_too_large"),
+        (data_url(LARGE_PNG), {"media.max_image_bytes": len(LARGE_PNG)}, 200, None),
+        ("data:image/png;base64," + "!" * 300_000, {}, 400, "invalid_media"),
+        (data_url(LARGE_PNG)[:-3] + "=A==", {}, 400, "invalid_media"),
+    ],
+    ids=["over-the-limit", "at-the-limit", "not-base64", "padding-inside"],
+)
+def test_large_inline_media_is_refused_as_any_other(url, overrides, status, code):
+    with gateway(**overrides) as gw:
+        response = gw.chat(user(image_url(url)))
+        if status == 200:
+            assert response.status_code == 200, response.text
+            return
+        refused(response, status, "messages[0].content[0]", code)
+        assert gw.vision.calls == 0 and gw.llm.requests == []
+
+
 # ---------------------------------------------------------------------------------------------- the event loop
 def test_large_payloads_are_worked_on_off_the_event_loop(monkeypatch):
     """Parsing a large body, decoding its inline media, hashing it for the encoder cache and serialising the LLM's
@@ -573,7 +645,7 @@ def test_large_payloads_are_worked_on_off_the_event_loop(monkeypatch):
         assert gw.chat(user(image_url(data_url(large)))).status_code == 200
         assert gw.vision.images[0].data == large
     assert offloaded == [
-        "body.parse_request", "fetch._decode_data_url", "encoder_cache.<lambda>", "llm_client.<lambda>"
+        "body.parse_request", "fetch._decode_inline", "encoder_cache.<lambda>", "llm_client.<lambda>"
     ]  # fmt: skip
     offloaded.clear()
     with gateway() as gw:

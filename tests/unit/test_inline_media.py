@@ -1,0 +1,149 @@
+"""Large inline media left in the body's bytes while the rest of a request body is parsed: where it is cut out,
+and that the parsed body is always the one the whole body gives."""
+
+from __future__ import annotations
+
+import base64
+import json
+import tracemalloc
+
+import pytest
+
+from hcxserve.gateway import inline_media
+from hcxserve.gateway.body import parse_json_body, parse_request
+from hcxserve.protocol.errors import InvalidRequestError
+from hcxserve.protocol.openai import InlineMedia
+
+DEPTH = 64
+# over 256 KiB on its own: smaller bodies are parsed whole, with no search for media
+PAYLOAD = base64.b64encode(bytes(range(256)) * 1024).decode()
+assert len(PAYLOAD) > 256 << 10
+IMAGE = "data:image/png;base64," + PAYLOAD
+ESCAPED = PAYLOAD.replace("/", "\\/")  # the payload as JSON may write it
+
+
+def as_text(value):
+    """`value` with every InlineMedia read back as the string the client sent."""
+    if isinstance(value, InlineMedia):
+        return value.header + json.loads(b'"' + value.payload.tobytes() + b'"')
+    if isinstance(value, dict):
+        return {key: as_text(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_text(item) for item in value]
+    return value
+
+
+def inline(value) -> list[InlineMedia]:
+    if isinstance(value, InlineMedia):
+        return [value]
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return [found for child in children for found in inline(child)]
+
+
+def body_with(*parts, **top) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": list(parts)}], **top}).encode()
+
+
+def test_every_media_reference_form_is_left_in_the_bodys_bytes():
+    other = "data:video/mp4;base64," + PAYLOAD[::-1]
+    parts = [
+        {"type": "image_url", "image_url": {"url": IMAGE, "detail": "low"}},
+        {"type": "image_url", "image_url": IMAGE},
+        {"type": "image", "image": IMAGE},
+        {"type": "video_url", "video_url": {"url": other}},
+        {"type": "video", "video": other},
+        {"type": "video", "video": [IMAGE, IMAGE]},
+        {"type": "input_audio", "input_audio": {"data": PAYLOAD, "format": "wav"}},
+        {"type": "audio_url", "audio_url": {"url": "DATA:audio/wav;BASE64," + PAYLOAD}},
+        {"type": "audio_url", "audio_url": IMAGE},
+        {"type": "text", "text": "what is in these?"},
+    ]
+    raw = body_with(*parts, extra_body={"messages": [{"role": "user", "content": [parts[0]]}]})
+    parsed = parse_json_body(raw, DEPTH)
+    found = inline(parsed)
+    assert len(found) == 11  # every reference but the text, the one in `extra_body` too
+    assert as_text(parsed) == json.loads(raw)
+    assert {media.header for media in found} == {
+        "data:image/png;base64,", "data:video/mp4;base64,", "", "DATA:audio/wav;BASE64,"
+    }  # fmt: skip
+    # each is a view of the body itself: no copy of the payload was made
+    assert all(media.body is raw for media in found)
+    # as text, a short stand-in that keeps the header (a `data:video/` URL in an image part is still told by it)
+    assert all(len(media) < 100 and media.startswith(media.header) for media in found)
+
+
+def test_the_request_model_keeps_them_where_the_client_put_them():
+    raw = body_with({"type": "image_url", "image_url": {"url": IMAGE}},
+                    {"type": "video", "video": [IMAGE]},
+                    {"type": "input_audio", "input_audio": {"data": PAYLOAD}})  # fmt: skip
+    image, video, audio = parse_request(raw, DEPTH).messages[0].content
+    assert isinstance(image.image_url.url, InlineMedia)
+    assert isinstance(video.video[0], InlineMedia)
+    assert isinstance(audio.input_audio.data, InlineMedia)
+    assert audio.input_audio.data.payload.tobytes().decode() == PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body_with({"type": "text", "text": PAYLOAD}),  # base64 as text stays text
+        body_with({"type": "text", "text": IMAGE}),
+        body_with({"type": "image_url", "image_url": {"url": IMAGE}}, metadata={"url": IMAGE}),
+        body_with({"type": "image_url", "image_url": {"url": IMAGE}}, **{IMAGE: 1}),  # a key
+        body_with({"type": "image_url", "image_url": {"url": IMAGE}},
+                  tools=[{"type": "function", "function": {"name": "f", "description": PAYLOAD}}]),
+        body_with({"type": "input_audio", "input_audio": {"data": PAYLOAD}}, stop=[PAYLOAD]),
+        # a data: URL that is not base64, and an escaped quote that looks like the start of one
+        body_with({"type": "image_url", "image_url": {"url": "data:image/png," + PAYLOAD}}),
+        body_with({"type": "text", "text": '"' + IMAGE + '"'}, stop=[IMAGE]),
+        # JSON escapes (`\\/`, as some encoders write every slash) in a payload and everywhere; a payload whose
+        # closing quote follows a backslash
+        body_with({"type": "image_url", "image_url": {"url": IMAGE}}).replace(b"/", b"\\/"),
+        body_with({"type": "image_url", "image_url": {"url": IMAGE}}).replace(PAYLOAD.encode(), ESCAPED.encode()),
+        body_with({"type": "image_url", "image_url": {"url": IMAGE + "\\"}}),
+        json.dumps([{"type": "image_url", "image_url": {"url": IMAGE}}]).encode(),  # not an object
+    ],
+    ids=["text", "data-url-text", "other-url", "key", "tool", "stop", "not-base64", "escaped-quote",
+         "escaped-slashes", "escaped-payload", "backslash-end", "array"],
+)  # fmt: skip
+def test_the_parsed_body_is_the_one_the_whole_body_gives(raw):
+    assert as_text(parse_json_body(raw, DEPTH)) == json.loads(raw)
+
+
+def test_a_placeholder_a_client_writes_is_only_text(monkeypatch):
+    """Placeholders carry a random token; were a client to guess one, the body is parsed whole."""
+    monkeypatch.setattr(inline_media.secrets, "token_hex", lambda n: "0" * 2 * n)
+    guessed = f"hcx-inline:{'0' * 16}:0"
+    raw = body_with({"type": "image_url", "image_url": {"url": IMAGE}}, {"type": "image", "image": guessed})
+    assert inline_media.cut(raw)[1].keys() == {guessed}
+    parsed = parse_json_body(raw, DEPTH)
+    assert inline(parsed) == []
+    assert parsed == json.loads(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"messages": [{"role": "user", "content": [{"type": "image", "image": "x""' + IMAGE.encode() + b'"}]}]}',
+        b'{"messages": [{"role": "user", "content": [{"type": "image", "image": "' + IMAGE.encode(),
+        b'{"messages": [{"role": "user", "content": [{"type": "image", "image": "' + IMAGE.encode() + b'"}]',
+    ],
+    ids=["between-strings", "unterminated-string", "unclosed-object"],
+)
+def test_a_body_that_is_not_json_is_still_refused(raw):
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_json_body(raw, DEPTH)
+    assert refused.value.code == "invalid_json"
+
+
+def test_parsing_builds_no_string_of_the_payload():
+    payload = PAYLOAD * 40  # ~3.5 MB
+    raw = body_with({"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload}})
+    tracemalloc.start()
+    try:
+        request = parse_request(raw, DEPTH)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(request.messages[0].content[0].image_url.url, InlineMedia)
+    assert peak < len(payload) // 10, peak
