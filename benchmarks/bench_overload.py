@@ -181,15 +181,24 @@ async def run(args) -> list[str]:
         bento.wait_ready(f"{bento.url}/readyz", 900)
         where = placement.apply(args.placement, bento.proc.pid)
         limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
-        async with httpx.AsyncClient(base_url=bento.url, headers=bento.headers, timeout=600, limits=limits) as client:
-            capacity = args.concurrent + args.queued
-            await burst(client, 4)  # warm-up
-            baseline = await burst(client, capacity)
-            assert all(r.status_code == 200 for _, r in baseline), [r.text for _, r in baseline if r.status_code != 200]
-            storm = [(t, r.status_code, r.headers, r.content) for t, r in await burst(client, 10 * capacity)]
-            opened = await burst_on_open_connections(bento.url, bento.headers, 10 * capacity)
-            single_shed, single_statuses = await shed_one_by_one(client, capacity, 50)
-            samples, statuses = await soak(client, args.soak, bento.proc.pid) if args.soak else ([], {})
+
+        def client() -> httpx.AsyncClient:
+            # one per phase: a keep-alive connection left idle by the previous phase may be closed by the server
+            # just as it is reused, and a POST is not retried
+            return httpx.AsyncClient(base_url=bento.url, headers=bento.headers, timeout=600, limits=limits)
+
+        capacity = args.concurrent + args.queued
+        async with client() as warm:
+            await burst(warm, 4)  # warm-up
+            baseline = await burst(warm, capacity)
+        assert all(r.status_code == 200 for _, r in baseline), [r.text for _, r in baseline if r.status_code != 200]
+        async with client() as fresh:
+            storm = [(t, r.status_code, r.headers, r.content) for t, r in await burst(fresh, 10 * capacity)]
+        opened = await burst_on_open_connections(bento.url, bento.headers, 10 * capacity)
+        async with client() as fresh:
+            single_shed, single_statuses = await shed_one_by_one(fresh, capacity, 50)
+        async with client() as fresh:
+            samples, statuses = await soak(fresh, args.soak, bento.proc.pid) if args.soak else ([], {})
     finally:
         bento.stop()
     base = [t for t, _ in baseline]
