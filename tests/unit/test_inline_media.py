@@ -147,3 +147,71 @@ def test_parsing_builds_no_string_of_the_payload():
         tracemalloc.stop()
     assert isinstance(request.messages[0].content[0].image_url.url, InlineMedia)
     assert peak < len(payload) // 10, peak
+
+
+# ---------------------------------------------------------------------------------------------- what is cut out
+SHORT_IMAGE = "data:image/png;base64," + base64.b64encode(b"png" * 100).decode()
+
+
+def cut_spans(raw: bytes) -> list[bytes]:
+    """The payloads `cut` takes out of `raw`, checking that the cut body is `raw` with each one's placeholder."""
+    cut, found = inline_media.cut(raw)
+    rebuilt = cut
+    for placeholder, media in found.items():
+        assert media.body is raw
+        rebuilt = rebuilt.replace(placeholder.encode(), media.header.encode() + raw[media.start : media.end], 1)
+    assert rebuilt == raw
+    return [raw[media.start : media.end] for media in found.values()]
+
+
+def test_only_long_base64_strings_are_cut_out_wherever_they_follow_shorter_ones():
+    raw = body_with(
+        {"type": "image_url", "image_url": {"url": SHORT_IMAGE}},  # base64, but short
+        {"type": "image_url", "image_url": {"url": "data:image/png," + PAYLOAD}},  # long, but not base64
+        {"type": "text", "text": '"' + IMAGE},  # an escaped quote before a data: URL: inside a string
+        {"type": "text", "text": IMAGE + "\\"},  # its closing quote follows a backslash: left to the parser
+        {"type": "image_url", "image_url": {"url": IMAGE}},
+        {"type": "input_audio", "input_audio": {"data": PAYLOAD}},
+    )
+    assert cut_spans(raw) == [PAYLOAD.encode(), PAYLOAD.encode()]
+
+
+@pytest.mark.parametrize(("length", "cut"), [(inline_media.MIN_BYTES, True), (inline_media.MIN_BYTES - 1, False)])
+def test_a_string_is_cut_out_from_min_bytes_on(length, cut):
+    raw = body_with({"type": "input_audio", "input_audio": {"data": PAYLOAD[:length]}}, stop=[PAYLOAD])
+    assert cut_spans(raw) == [PAYLOAD[:length].encode()] * cut + [PAYLOAD.encode()]
+
+
+@pytest.mark.parametrize(
+    ("before", "cut"),
+    [(b"", True), (b"\\", False), (b"\\\\", True), (b"\\\\\\", False)],
+    ids=["no-backslash", "escaped", "escaped-backslash", "escaped-backslash-and-quote"],
+)
+def test_a_quote_after_an_odd_run_of_backslashes_starts_nothing(before, cut):
+    # not JSON when the run is even (the quote then closes a string): the parser refuses what is left
+    payload = IMAGE.encode()
+    raw = b'{"a": "x' + before + b'"' + payload + b'"}'
+    assert cut_spans(raw) == [PAYLOAD.encode()] * cut
+    assert cut_spans(before + b'"' + payload + b'"') == [PAYLOAD.encode()] * cut  # at the very start too
+
+
+def test_a_backslash_just_before_the_closing_quote_is_the_only_one_that_counts():
+    ends_with_an_escaped_backslash = PAYLOAD + "\\\\A"  # as JSON text: the string ends in a backslash and "A"
+    raw = b'{"a": "' + ends_with_an_escaped_backslash.encode() + b'"}'
+    assert cut_spans(raw) == [ends_with_an_escaped_backslash.encode()]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": "hi"},
+        {"messages": ["hi", {"content": "hi"}, {"content": {"image": IMAGE}}, {"content": ["text"]}]},
+        {"messages": [{"content": [{"type": "image", "image": {"url": 1}}, {"image": IMAGE}]}]},
+        {"messages": [], "extra_body": {"messages": 5}, "image": IMAGE},
+    ],
+    ids=["messages-a-string", "odd-messages", "a-reference-not-a-string", "odd-extra-body"],
+)
+def test_malformed_bodies_with_large_media_parse_as_they_are(body):
+    """Whatever shape the client's JSON has, the validation that follows is what refuses it."""
+    raw = json.dumps(body).encode()
+    assert as_text(parse_json_body(raw, DEPTH)) == json.loads(raw)
