@@ -581,10 +581,11 @@ def escaped(raw: bytes, data: bytes) -> bytes:
         ("a", image_url(data_url(LARGE_PNG, "video/mp4")), "videos", None),  # told a video by its header
         ("b", input_audio(b64(LARGE_WAV)), "clips", None),
         ("b", input_audio(b64(LARGE_WAV)), "clips", lambda raw: escaped(raw, LARGE_WAV)),
+        ("b", input_audio(b64(LARGE_WAV) + "  "), "clips", None),
         ("b", {"type": "audio_url", "audio_url": data_url(LARGE_WAV, "audio/wav")}, "clips", None),
     ],
     ids=["data-url", "escaped-slashes", "trailing-spaces", "unpadded-upper-case", "bare-base64",
-         "video-in-image-part", "input-audio", "input-audio-escaped", "audio-url"],
+         "video-in-image-part", "input-audio", "input-audio-escaped", "input-audio-trailing-spaces", "audio-url"],
 )  # fmt: skip
 def test_large_inline_media_reaches_the_encoder_byte_for_byte(track, part, sent, rewrite):
     raw = json.dumps(user(part, text())).encode()
@@ -613,8 +614,9 @@ def test_a_large_payload_that_is_not_json_text_makes_the_body_invalid_json(byte)
         (data_url(LARGE_PNG), {"media.max_image_bytes": len(LARGE_PNG)}, 200, None),
         ("data:image/png;base64," + "!" * 300_000, {}, 400, "invalid_media"),
         (data_url(LARGE_PNG)[:-3] + "=A==", {}, 400, "invalid_media"),
+        (b64(LARGE_PNG)[:100_000] + "!" + b64(LARGE_PNG)[100_000:], {}, 400, "invalid_media"),
     ],
-    ids=["over-the-limit", "at-the-limit", "not-base64", "padding-inside"],
+    ids=["over-the-limit", "at-the-limit", "not-base64", "padding-inside", "bare-not-base64"],
 )
 def test_large_inline_media_is_refused_as_any_other(url, overrides, status, code):
     with gateway(**overrides) as gw:
@@ -651,3 +653,9 @@ def test_large_payloads_are_worked_on_off_the_event_loop(monkeypatch):
     with gateway() as gw:
         assert gw.chat(user(image_url(data_url(PNG)), text("small"))).status_code == 200
     assert offloaded == ["llm_client.<lambda>"]  # small ones stay on the loop, but for the LLM's request
+    offloaded.clear()
+    medium = make_noise_png(150, 150)  # left in a large body's bytes, but decoded on the loop: ~90 KB of base64
+    with gateway() as gw:
+        assert gw.chat(user(text("a long question " * 20_000), image_url(data_url(medium)))).status_code == 200
+        assert gw.vision.images[0].data == medium
+    assert offloaded == ["body.parse_request", "llm_client.<lambda>"]

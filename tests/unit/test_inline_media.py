@@ -3,15 +3,18 @@ and that the parsed body is always the one the whole body gives."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import tracemalloc
 
 import pytest
 
+from hcxserve.config import MediaConfig
 from hcxserve.gateway import inline_media
 from hcxserve.gateway.body import parse_json_body, parse_request
-from hcxserve.protocol.errors import InvalidRequestError
+from hcxserve.gateway.fetch import MediaFetcher
+from hcxserve.protocol.errors import InvalidRequestError, PayloadTooLargeError
 from hcxserve.protocol.openai import InlineMedia
 
 DEPTH = 64
@@ -215,3 +218,31 @@ def test_malformed_bodies_with_large_media_parse_as_they_are(body):
     """Whatever shape the client's JSON has, the validation that follows is what refuses it."""
     raw = json.dumps(body).encode()
     assert as_text(parse_json_body(raw, DEPTH)) == json.loads(raw)
+
+
+@pytest.mark.parametrize("over", [0, 1], ids=["at-the-limit", "over-it"])
+def test_plain_base64_is_decoded_straight_from_the_bodys_bytes(over):
+    """Up to the limit, the decoded bytes are the only large allocation: no copy of the payload, no str of it."""
+    media = parse_request(body_with({"type": "image", "image": IMAGE}), DEPTH).messages[0].content[0].image
+    decoded = base64.b64decode(PAYLOAD)
+
+    async def fetch_traced() -> tuple[bytes, int]:
+        fetcher = MediaFetcher(MediaConfig())
+        try:
+            await fetcher.fetch(media, param="p")  # what a first run imports and starts is not counted
+            tracemalloc.start()
+            try:
+                data = await fetcher.fetch(media, param="p", max_bytes=len(decoded) - over)
+                return data, tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        finally:
+            await fetcher.aclose()
+
+    if over:
+        with pytest.raises(PayloadTooLargeError):
+            asyncio.run(fetch_traced())
+        return
+    data, peak = asyncio.run(fetch_traced())
+    assert data == decoded
+    assert peak < len(decoded) * 1.2, peak
