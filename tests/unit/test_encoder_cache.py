@@ -124,8 +124,9 @@ async def test_a_changed_option_or_content_misses(first, second):
     assert (await store.keys("encode_videos", [first])) == (await store.keys("encode_videos", [first.model_copy()]))
 
 
-async def test_the_method_and_the_checkpoint_are_part_of_the_key():
-    item = images(b"a")
+@pytest.mark.parametrize("size", [1, 2 << 20], ids=["small", "hashed-in-a-thread"])
+async def test_the_method_and_the_checkpoint_are_part_of_the_key(size):
+    item = images(b"a" * size)
     assert await cache().keys("encode", item) != await cache().keys("encode_videos", item)
     assert await cache(fingerprint="one").keys("encode", item) != await cache(fingerprint="two").keys("encode", item)
 
@@ -143,6 +144,11 @@ async def test_large_items_are_hashed_off_the_event_loop(monkeypatch):
     small = await store.keys("encode", images(b"a" * 1000))
     large = await store.keys("encode", images(b"a" * (2 << 20)))
     assert len(threads) == 1 and small != large
+    await store.keys("encode", images(b"a" * (1 << 20)))  # 1 MiB exactly
+    assert len(threads) == 2
+    frames = VideoInput(frames=[b"f" * (600 << 10)] * 2, fps=2.0, max_pixels=100)  # over 1 MiB together
+    await store.keys("encode_videos", [frames])
+    assert len(threads) == 3
 
 
 def test_the_fingerprint_follows_the_checkpoint_files_and_the_settings(tmp_path):
@@ -179,12 +185,14 @@ async def test_concurrent_requests_for_the_same_item_share_one_call():
     requests = [asyncio.ensure_future(store.encode("encode", images(b"a", b"x"), encoder, keep))]
     await asyncio.sleep(0)
     requests += [asyncio.ensure_future(store.encode("encode", images(b"a"), encoder, keep)) for _ in range(3)]
+    requests.append(asyncio.ensure_future(store.encode("encode", images(b"a", b"x"), encoder, keep)))
     await asyncio.sleep(0.01)
     encoder.gate.set()
     results = await asyncio.gather(*requests)
     assert [[item.data for item in call] for call in encoder.calls] == [[b"a", b"x"]]
     assert all(r[0] is results[0][0] for r in results)
-    assert (store.hits, store.misses) == (3, 2)
+    assert results[-1][1] is results[0][1]
+    assert (store.hits, store.misses) == (5, 2)  # each item waited for counts as a hit
 
 
 async def test_the_shared_call_goes_on_when_its_first_caller_is_cancelled():
@@ -237,3 +245,57 @@ def test_prometheus_metrics_count_hits_misses_evictions_and_bytes():
     assert sample("hcx_encoder_cache_misses_total", labels) == 2
     assert sample("hcx_encoder_cache_evictions_total", labels) == 1
     assert sample("hcx_encoder_cache_bytes", labels) == 60
+
+
+class RecordingMetrics:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict]] = []
+
+    def record(self, component: str, **counts: int) -> None:
+        self.records.append((component, counts))
+
+    def total(self, name: str) -> int:
+        return sum(counts[name] for _, counts in self.records)
+
+
+async def big_encoder(method: str, items: list) -> list[VisionEncoding]:
+    """As `Encoder`, but an item named b"big..." encodes to `len(name) - 2` times the usual size."""
+    results = []
+    for item in items:
+        name = item.data.decode()
+        embeds = EMBEDS * (len(name) - 2) if name.startswith("big") else (name + EMBEDS)[: len(EMBEDS)]
+        results.append(VisionEncoding(embedding=VisionEmbedding(embeds_b64=embeds, rows=1, dim=8, dtype="f",
+                                                                grid_thw=(1, 2, 2))))  # fmt: skip
+    return results
+
+
+async def test_what_the_cache_reports_adds_up_to_what_it_holds():
+    metrics = RecordingMetrics()
+    store = EncoderCache("TrackA-VisionEncoder", max_bytes=3 * SIZE, fingerprint="ckpt", metrics=metrics)
+    await store.encode("encode", images(b"a", b"b", b"c"), big_encoder, keep)  # full to the byte: nothing evicted
+    assert (len(store), store.bytes, store.evictions) == (3, 3 * SIZE, 0)
+    await store.encode("encode", images(b"a", b"b"), big_encoder, keep)
+    await store.encode("encode", images(b"bigg"), big_encoder, keep)  # twice the size: the two oldest go
+    assert (len(store), store.evictions) == (2, 2)
+    await store.encode("encode", images(b"b"), big_encoder, keep)
+    assert (store.hits, store.misses, store.evictions) == (3, 4, 2)
+    assert {component for component, _ in metrics.records} == {"TrackA-VisionEncoder"}
+    assert (metrics.total("hits"), metrics.total("misses")) == (store.hits, store.misses)
+    assert (metrics.total("evictions"), metrics.total("bytes_delta")) == (store.evictions, store.bytes)
+    assert store.bytes == SIZE + encoding_size((await big_encoder("encode", images(b"bigg")))[0])
+
+
+async def test_an_entry_larger_than_the_cache_evicts_nothing():
+    store = cache(max_entries=2)
+    await store.encode("encode", images(b"a", b"b"), big_encoder, keep)
+    await store.encode("encode", images(b"biggg"), big_encoder, keep)  # 3 entries' worth: kept nowhere
+    assert (len(store), store.bytes, store.evictions) == (2, 2 * SIZE, 0)
+    single = cache(max_entries=1)
+    await single.encode("encode", images(b"a"), big_encoder, keep)  # exactly the bound: kept
+    assert len(single) == 1
+
+
+def test_an_entrys_size_counts_its_codes():
+    with_codes = encoding("x").model_copy(deep=True)
+    with_codes.embedding.discrete_codes = list(range(100))
+    assert encoding_size(with_codes) - encoding_size(encoding("x")) == 8 * 100
