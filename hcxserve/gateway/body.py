@@ -25,6 +25,8 @@ from hcxserve.protocol.openai import ChatCompletionRequest
 
 # bodies above this are parsed off the event loop, so one large upload does not stall every other request
 _PARSE_INLINE_BYTES = 256 << 10
+# what msgspec raises for a body it will not parse (the caller then decides what that means)
+_MSGSPEC_REFUSALS = (msgspec.MsgspecError, ValueError, RecursionError)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -81,7 +83,7 @@ def _parse_whole(raw: bytes) -> Any:
     exactly as before."""
     try:
         return msgspec.json.decode(raw)
-    except (msgspec.MsgspecError, ValueError, RecursionError):
+    except _MSGSPEC_REFUSALS:
         try:
             return json.loads(raw, parse_float=_finite, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -96,7 +98,7 @@ def _parse_without_inline_media(raw: bytes) -> Any | None:
         return None
     try:
         body = msgspec.json.decode(cut)
-    except (msgspec.MsgspecError, ValueError, RecursionError):
+    except _MSGSPEC_REFUSALS:
         return None
     return body if inline_media.place(body, found) else None
 

@@ -112,6 +112,15 @@ def request_budget(config: MediaConfig) -> Iterator[None]:
         _budget.reset(token)
 
 
+def _padding_and_size(encoded: str | memoryview) -> tuple[int, int]:
+    """The `=` padding that ends base64 text (among its last three characters), and the size it decodes to."""
+    tail = encoded[-3:]
+    if isinstance(tail, memoryview):
+        tail = tail.tobytes().decode("latin-1")
+    padding = len(tail) - len(tail.rstrip("="))
+    return padding, (len(encoded) - padding) * 3 // 4
+
+
 class MediaFetcher:
     """`client` and `resolver` are for tests: an in-process transport and a faked DNS."""
 
@@ -167,9 +176,8 @@ class MediaFetcher:
             raise PayloadTooLargeError(f"{param}: media is {size} bytes, over the limit of {limit}", param=param)
 
     def _decode_base64(self, text: str, param: str, limit: int) -> bytes:
-        tail = text[-3:]
-        padding = len(tail) - len(tail.rstrip("="))
-        self._check_size((len(text) - padding) * 3 // 4, param, limit)  # the decoded size, known before decoding
+        padding, size = _padding_and_size(text)
+        self._check_size(size, param, limit)  # known before decoding
         if len(text) % 4 or padding > 2 or padding == len(text):
             # unpadded or over-padded base64 is accepted too; well-padded input is decoded as it is, without a copy
             text = text.rstrip("=")
@@ -187,8 +195,7 @@ class MediaFetcher:
         """Plain, padded base64 is decoded straight from the body's bytes; anything else (JSON escapes such as
         `\\/`, whitespace, missing padding) is read as the JSON string the client wrote and decoded as any other."""
         payload = media.payload
-        tail = payload[-2:].tobytes()
-        if (len(payload) - (len(tail) - len(tail.rstrip(b"=")))) * 3 // 4 <= limit:
+        if _padding_and_size(payload)[1] <= limit:
             with contextlib.suppress(binascii.Error, ValueError):
                 if data := pybase64.b64decode(payload, validate=True):
                     return data

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.anyio  # the async tests run on asyncio (anyio's pytest
 EMBEDS = "E" * 1000  # each encoding holds 1000 base64 characters
 
 
-def encoding(tag: str) -> VisionEncoding:
-    embeds = (tag + EMBEDS)[: len(EMBEDS)]
+def encoding(tag: str, times: int = 1) -> VisionEncoding:
+    """An encoding that starts with `tag` and holds `times` the usual base64 characters."""
+    embeds = (tag + EMBEDS * times)[: len(EMBEDS) * times]
     return VisionEncoding(embedding=VisionEmbedding(embeds_b64=embeds, rows=1, dim=8, dtype="f", grid_thw=(1, 2, 2)))
 
 
@@ -32,7 +33,8 @@ SIZE = encoding_size(encoding("x"))
 
 
 class Encoder:
-    """Encodes each item as its bytes; records each call; `gate`, when set, holds calls until it opens."""
+    """Encodes each item as its bytes (an item named b"big..." to `len(name) - 2` times the usual size); records
+    each call; `gate`, when set, holds calls until it opens."""
 
     def __init__(self) -> None:
         self.calls: list[list] = []
@@ -46,8 +48,12 @@ class Encoder:
         if self.failure is not None:
             raise self.failure
         return [
-            VisionEncoding(error="refused") if item.data == b"bad" else encoding(item.data.decode()) for item in items
+            VisionEncoding(error="refused") if item.data == b"bad" else encoding(*sized(item.data)) for item in items
         ]
+
+
+def sized(name: bytes) -> tuple[str, int]:
+    return name.decode(), len(name) - 2 if name.startswith(b"big") else 1
 
 
 def keep(result: VisionEncoding) -> bool:
@@ -258,40 +264,29 @@ class RecordingMetrics:
         return sum(counts[name] for _, counts in self.records)
 
 
-async def big_encoder(method: str, items: list) -> list[VisionEncoding]:
-    """As `Encoder`, but an item named b"big..." encodes to `len(name) - 2` times the usual size."""
-    results = []
-    for item in items:
-        name = item.data.decode()
-        embeds = EMBEDS * (len(name) - 2) if name.startswith("big") else (name + EMBEDS)[: len(EMBEDS)]
-        results.append(VisionEncoding(embedding=VisionEmbedding(embeds_b64=embeds, rows=1, dim=8, dtype="f",
-                                                                grid_thw=(1, 2, 2))))  # fmt: skip
-    return results
-
-
 async def test_what_the_cache_reports_adds_up_to_what_it_holds():
-    metrics = RecordingMetrics()
+    metrics, encoder = RecordingMetrics(), Encoder()
     store = EncoderCache("TrackA-VisionEncoder", max_bytes=3 * SIZE, fingerprint="ckpt", metrics=metrics)
-    await store.encode("encode", images(b"a", b"b", b"c"), big_encoder, keep)  # full to the byte: nothing evicted
+    await store.encode("encode", images(b"a", b"b", b"c"), encoder, keep)  # full to the byte: nothing evicted
     assert (len(store), store.bytes, store.evictions) == (3, 3 * SIZE, 0)
-    await store.encode("encode", images(b"a", b"b"), big_encoder, keep)
-    await store.encode("encode", images(b"bigg"), big_encoder, keep)  # twice the size: the two oldest go
+    await store.encode("encode", images(b"a", b"b"), encoder, keep)
+    await store.encode("encode", images(b"bigg"), encoder, keep)  # twice the size: the two oldest go
     assert (len(store), store.evictions) == (2, 2)
-    await store.encode("encode", images(b"b"), big_encoder, keep)
+    await store.encode("encode", images(b"b"), encoder, keep)
     assert (store.hits, store.misses, store.evictions) == (3, 4, 2)
     assert {component for component, _ in metrics.records} == {"TrackA-VisionEncoder"}
     assert (metrics.total("hits"), metrics.total("misses")) == (store.hits, store.misses)
     assert (metrics.total("evictions"), metrics.total("bytes_delta")) == (store.evictions, store.bytes)
-    assert store.bytes == SIZE + encoding_size((await big_encoder("encode", images(b"bigg")))[0])
+    assert store.bytes == SIZE + encoding_size(encoding("bigg", 2))
 
 
 async def test_an_entry_larger_than_the_cache_evicts_nothing():
-    store = cache(max_entries=2)
-    await store.encode("encode", images(b"a", b"b"), big_encoder, keep)
-    await store.encode("encode", images(b"biggg"), big_encoder, keep)  # 3 entries' worth: kept nowhere
+    store, encoder = cache(max_entries=2), Encoder()
+    await store.encode("encode", images(b"a", b"b"), encoder, keep)
+    await store.encode("encode", images(b"biggg"), encoder, keep)  # 3 entries' worth: kept nowhere
     assert (len(store), store.bytes, store.evictions) == (2, 2 * SIZE, 0)
     single = cache(max_entries=1)
-    await single.encode("encode", images(b"a"), big_encoder, keep)  # exactly the bound: kept
+    await single.encode("encode", images(b"a"), encoder, keep)  # exactly the bound: kept
     assert len(single) == 1
 
 
