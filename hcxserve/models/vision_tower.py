@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hcxserve.models import resolve_device, torch_dtype
+from hcxserve.models import resolve_device, torch_dtype, varlen_attention
 from hcxserve.models.vision_spec import VisionTowerSpec
 from hcxserve.protocol.payloads import encode_tensor
 
@@ -71,6 +71,10 @@ class VisionTower:
         model = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=weights_dtype)
         model.load_state_dict(load_state_dict(ve_dir, prefix="vision_model."), strict=True)
         model = model.to(device=resolved, dtype=weights_dtype).eval()
+        if attn_implementation == "sdpa":
+            # The same SDPA, one call per window length rather than one per window (see varlen_attention). Set on
+            # the config the blocks share, not through set_attn_implementation, which takes the name for a kernel.
+            model.config._attn_implementation = varlen_attention.register()
         processor = Qwen2VLImageProcessor.from_pretrained(ve_dir)
         video_processor = Qwen2VLVideoProcessor.from_pretrained(ve_dir)
         logger.info(
