@@ -4,8 +4,11 @@
 For each encoder of the embedded default models: items/s encoding 8 items as 8 calls of one item vs one call of 8
 (what adaptive batching buys, before any serving overhead), and, on an accelerator, how far its outputs (bf16) are
 from the same pipeline's fp32 outputs on the CPU (cosine similarity of the rows; agreement of the discrete codes).
+`--sizes real` times the same pipelines at the released models' sizes instead, from folders with random weights
+(`benchmarks/real_sizes.py`): what a GPU deployment's encoders do per item, without the checkpoints.
 
     .venv/bin/python benchmarks/bench_encoder_forward.py --out benchmarks/results/encoder_forward.md
+    python3 benchmarks/bench_encoder_forward.py --sizes real --out benchmarks/results/encoder_forward_gpu.md
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import base64
 import io
 import statistics
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_encoders import machine, publish, test_png, test_wav  # noqa: E402
+from benchmarks.real_sizes import write_real_size_folder  # noqa: E402
 from hcxserve.config import load_track  # noqa: E402
 from hcxserve.protocol.payloads import AudioInput, ImageInput  # noqa: E402
 
@@ -34,13 +40,16 @@ def rows(embedding):
     return torch.load(io.BytesIO(base64.b64decode(embedding.embeds_b64)), weights_only=True).float()
 
 
-def pipeline(kind: str, track: str, device: str, dtype: str):
+def pipeline(kind: str, track: str, device: str, dtype: str, real_sizes: Path | None = None):
     from hcxserve.encoders.audio import AudioEncoderPipeline
     from hcxserve.encoders.vision import VisionEncoderPipeline
 
     config = load_track(track, profile="embedded")
     cfg = getattr(config.components, kind).model_copy(update={"device": device, "dtype": dtype})
     folder = config.component_dir(cfg.folder)
+    if real_sizes is not None:
+        out = real_sizes / f"{track}_{cfg.folder}"
+        folder = out if (out / "model.safetensors").exists() else write_real_size_folder(folder, out, kind, device)
     if kind == "vision_encoder":
         return VisionEncoderPipeline.from_pretrained(folder, cfg, config.media)
     return AudioEncoderPipeline.from_pretrained(folder, cfg)
@@ -63,17 +72,17 @@ def timed(fn, rounds: int, sync) -> float:
     return statistics.median(times)
 
 
-def measure(kind: str, track: str, device: str, dtype: str, rounds: int) -> dict:
+def measure(kind: str, track: str, device: str, dtype: str, rounds: int, real_sizes: Path | None) -> dict:
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    encoder = pipeline(kind, track, device, dtype)
+    encoder = pipeline(kind, track, device, dtype, real_sizes)
     batch = items(kind, BATCH)
     encoder.encode(batch)  # warm-up (kernels, allocator)
     one_by_one = timed(lambda: [encoder.encode([item]) for item in batch], rounds, sync)
     together = timed(lambda: encoder.encode(batch), rounds, sync)
     result = {"bs1": BATCH / one_by_one, "batched": BATCH / together}
-    if device != "cpu":
+    if device != "cpu" and real_sizes is None:  # random weights at 32 layers: their bf16 drift means nothing
         reference = pipeline(kind, track, "cpu", "float32").encode(batch[:2])
         ours = encoder.encode(batch[:2])
         cosines, agree = [], []
@@ -88,36 +97,76 @@ def measure(kind: str, track: str, device: str, dtype: str, rounds: int) -> dict
     return result
 
 
+def tower_forward(device: str, dtype: str, rounds: int, real_sizes: Path | None) -> list[str]:
+    """Track A's vision tower forward pass alone (448x448 images, preprocessed once): the packed attention the tower
+    runs against transformers' own loop of one SDPA per window, on the same tower and pixels."""
+    import torch
+    from PIL import Image
+
+    from hcxserve.models.varlen_attention import PACKED_SDPA
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    tower = pipeline("vision_encoder", "a", device, dtype, real_sizes).tower
+    images = [Image.open(io.BytesIO(test_png(448, 448))) for _ in range(BATCH)]
+    lines = []
+    for n in (1, BATCH):
+        batch = tower.processor(images=images[:n], return_tensors="pt")
+        seconds = {}
+        for impl in ("sdpa", PACKED_SDPA):
+            tower.model.config._attn_implementation = impl
+            run = partial(tower._forward, batch["pixel_values"], batch["image_grid_thw"])
+            run()  # warm-up
+            seconds[impl] = timed(run, rounds, sync)
+        loop, packed = seconds["sdpa"] * 1000, seconds[PACKED_SDPA] * 1000
+        lines.append(f"| {n} | {loop:.1f} | {packed:.1f} | {loop / packed:.2f}x |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sizes", choices=["embedded", "real"], default="embedded")
     parser.add_argument("--out")
     args = parser.parse_args()
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     encoders = [("vision_encoder", "a"), ("vision_encoder", "b"), ("audio_encoder", "b")]
+    sizes = "released models' sizes, random weights" if args.sizes == "real" else "embedded default encoders"
     lines = [
         f"# Encoder pipelines in-process ({time.strftime('%Y-%m-%d')}): batch of {BATCH} vs {BATCH} calls of one",
         "",
         f"- Machine: {machine()}",
-        f"- Device: {args.device} ({dtype}); embedded default encoders; items: 392-448 x 448 PNGs, 3-3.5 s WAVs",
+        f"- Device: {args.device} ({dtype}); {sizes}; items: 392-448 x 448 PNGs, 3-3.5 s WAVs",
         f"- Command: `.venv/bin/python benchmarks/bench_encoder_forward.py {' '.join(sys.argv[1:])}`",
         "",
         "| encoder | items/s, one per call | items/s, batch of 8 | ratio | min cosine vs CPU fp32 | codes equal |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for kind, track in encoders:
-        r = measure(kind, track, args.device, dtype, args.rounds)
-        cosine = f"{r['min_cosine']:.4f}" if "min_cosine" in r else "-"
-        codes = f"{r['codes_agree']:.3f}" if r.get("codes_agree") is not None else "-"
-        name = f"{kind.replace('_', ' ')}, track {track.upper()}"
-        lines.append(
-            f"| {name} | {r['bs1']:.1f} | {r['batched']:.1f} | {r['batched'] / r['bs1']:.2f}x | {cosine} | {codes} |"
-        )
-        print(lines[-1], file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="hcx-real-sizes-") as tmp:
+        real_sizes = Path(tmp) if args.sizes == "real" else None
+        for kind, track in encoders:
+            lines.append(row(kind, track, measure(kind, track, args.device, dtype, args.rounds, real_sizes)))
+            print(lines[-1], file=sys.stderr, flush=True)
+        lines += [
+            "",
+            "Track A's vision tower forward alone, 448x448 images: one SDPA per attention window (transformers' loop)",
+            "against the packed attention the tower runs (one SDPA per window length), same tower and pixels:",
+            "",
+            "| images | one SDPA per window, ms | packed, ms | ratio |",
+            "|---:|---:|---:|---:|",
+            *tower_forward(args.device, dtype, args.rounds, real_sizes),
+        ]
     publish(lines, args.out)
+
+
+def row(kind: str, track: str, r: dict) -> str:
+    cosine = f"{r['min_cosine']:.4f}" if "min_cosine" in r else "-"
+    codes = f"{r['codes_agree']:.3f}" if r.get("codes_agree") is not None else "-"
+    name = f"{kind.replace('_', ' ')}, track {track.upper()}"
+    return f"| {name} | {r['bs1']:.1f} | {r['batched']:.1f} | {r['batched'] / r['bs1']:.2f}x | {cosine} | {codes} |"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ Ratios: batching at c=8 over batch size 1 at c=8 (the target: >= 2.5x) and over 
 Prints a markdown table; `--out` also writes it, with the machine, date, command and models.
 
     .venv/bin/python benchmarks/bench_encoders.py --out benchmarks/results/encoders.md
+
+`--sizes real` serves the encoders at the released models' sizes, with random weights (`benchmarks/real_sizes.py`),
+on the `gpu` profile (bf16, one GPU per service): the figure a GPU deployment's batching gives, without the
+checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +50,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.real_sizes import write_real_size_folder  # noqa: E402
 from hcxserve.config import dotted_overrides, load_track  # noqa: E402
 from hcxserve.tooling.testing import ServedProcess, config_env, free_port, serve_env  # noqa: E402
 
@@ -132,7 +138,7 @@ class ComponentServer:
         self.port = free_port()
         overrides = {} if mode == "batching" else {f"{track}.components.{section}.max_batch_size": 1}
         self.component = getattr(load_track(track, overrides=dotted_overrides([track], overrides)).components, section)
-        cmd = [str(ROOT / ".venv/bin/bentoml"), "serve", f"benchmarks.encoder_bento:{service}",
+        cmd = [sys.executable, "-m", "bentoml", "serve", f"benchmarks.encoder_bento:{service}",
                "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         self.log = log
         self.proc = ServedProcess(cmd, {**env, "HCX_BENCH_TRACK": track, **config_env(overrides)}, log)
@@ -318,6 +324,12 @@ def render(runs: list[dict], args: argparse.Namespace, env: dict[str, str], comm
         f"- Load: closed loop, one item per request, "
         f"{args.rounds} rounds per level; items/s = median over rounds, p50 = over every request of the level",
         f"- Items: a {args.image_size}x{args.image_size} PNG (image), a 3-s 16-kHz mono WAV (audio)",
+        "- Models: "
+        + (
+            "the released models' sizes with random weights (`benchmarks/real_sizes.py`), `gpu` profile"
+            if args.sizes == "real"
+            else "the embedded defaults"
+        ),
         "",
     ]
     for run in runs:
@@ -361,6 +373,25 @@ def available(keys: list[str]) -> list[Encoder]:
     return out
 
 
+def use_real_sizes(encoders: list[Encoder], model_root: Path) -> None:
+    """Point this process and the servers it starts (through the environment) at real-size folders under
+    `model_root`, on the `gpu` profile."""
+    folders = {encoder.key: load_track(encoder.track).component_dir(encoder.component()) for encoder in encoders}
+    for encoder in encoders:
+        out = model_root / f"track_{encoder.track}" / encoder.component()
+        print(f"{encoder.key}: writing a real-size folder to {out}", file=sys.stderr, flush=True)
+        write_real_size_folder(folders[encoder.key], out, encoder.section, device=default_device())
+    os.environ["HCX_PROFILE"] = "gpu"
+    for track in {encoder.track for encoder in encoders}:
+        os.environ[f"HCX_TRACKS__{track.upper()}__MODEL_DIR"] = str(model_root / f"track_{track}")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -372,6 +403,7 @@ def main() -> None:
     parser.add_argument("--audio-items", type=int, default=48, help="items per measurement, audio")
     parser.add_argument("--image-size", type=int, default=224, help="side of the square test PNG")
     parser.add_argument("--target", type=float, default=2.5, help="required batching/batch-size-1 ratio at top c")
+    parser.add_argument("--sizes", choices=["embedded", "real"], default="embedded", help="real: released sizes, gpu")
     parser.add_argument("--log-dir", default="/tmp/hcx_bench_encoders")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args()
@@ -379,15 +411,19 @@ def main() -> None:
     for encoder in ENCODERS.values():
         encoder.items = args.vision_items if encoder.service == "VisionEncoder" else args.audio_items
         encoder.image_size = args.image_size
-    env = serve_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([".venv/bin/python", "benchmarks/bench_encoders.py", *sys.argv[1:]])
-    runs = []
-    for encoder in available(args.encoders.split(",")):
-        print(f"{encoder.key}: starting servers", file=sys.stderr, flush=True)
-        runs.append(asyncio.run(bench_encoder(encoder, args, env, log_dir)))
-    publish([render(runs, args, env, command)], args.out)
+    encoders = available(args.encoders.split(","))
+    with tempfile.TemporaryDirectory(prefix="hcx-real-sizes-") as tmp:
+        if args.sizes == "real":
+            use_real_sizes(encoders, Path(tmp))
+        env = serve_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        runs = []
+        for encoder in encoders:
+            print(f"{encoder.key}: starting servers", file=sys.stderr, flush=True)
+            runs.append(asyncio.run(bench_encoder(encoder, args, env, log_dir)))
+        publish([render(runs, args, env, command)], args.out)
 
 
 if __name__ == "__main__":
