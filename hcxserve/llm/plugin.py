@@ -15,16 +15,24 @@ vLLM 0.32 ships the model class but two gaps stop an external vision encoder fro
 
 It is registered as a `vllm.general_plugins` entry point (pyproject.toml) because vLLM spawns its EngineCore
 and workers: a monkeypatch in the parent process would not reach them.
+
+It also keeps an intentional stop quiet: vLLM 0.32's `AsyncLLM.shutdown()` tears the engine down before it cancels
+its output handler, and when the handler sees the engine's "dead" marker first it logs an ERROR traceback for a
+shutdown that is going fine (vllm-project/vllm#48745; the fix proposed upstream, #49000, is not in 0.32). Once a
+shutdown has begun, that one record is logged at DEBUG instead; a real engine death before it still logs its ERROR.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 logger = logging.getLogger(__name__)
 
 _PATCHED_ATTR = "_hcxserve_patched"
+_HANDLER_FAILED = "AsyncLLM output_handler failed."  # vLLM's message, vllm/v1/engine/async_llm.py
+shutdown_started = threading.Event()  # set by AsyncLLM.shutdown: at most one engine per API server process
 
 
 def register() -> None:
@@ -36,6 +44,7 @@ def register() -> None:
     if "HCXOmniForCausalLM" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("HCXOmniForCausalLM", "hcxserve.llm.omni:HCXOmniForCausalLM")
 
+    _quiet_intentional_shutdown()
     if getattr(hcx, _PATCHED_ATTR, False):
         return
     _patch_data_parser(hcx)
@@ -77,3 +86,37 @@ def _patch_projector(hcx) -> None:
             self._tower_model_names = [n for n in self._tower_model_names if n != "mm_projector"]
 
     hcx.HCXVisionV2ForCausalLM.__init__ = __init__
+
+
+class _ShutdownEngineDead(logging.Filter):
+    """Demotes the output handler's EngineDeadError traceback to DEBUG once a shutdown has begun."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if (
+            shutdown_started.is_set()
+            and record.getMessage() == _HANDLER_FAILED
+            and record.exc_info
+            and isinstance(record.exc_info[1], EngineDeadError)
+        ):
+            logger.debug("vLLM's output handler stopped during shutdown: %s", record.exc_info[1])
+            return False
+        return True
+
+
+def _quiet_intentional_shutdown() -> None:
+    from vllm.v1.engine import async_llm
+
+    if getattr(async_llm.AsyncLLM.shutdown, _PATCHED_ATTR, False):
+        return
+    original_shutdown = async_llm.AsyncLLM.shutdown
+
+    @functools.wraps(original_shutdown)
+    def shutdown(self, *args, **kwargs):
+        shutdown_started.set()  # before any teardown, so the handler cannot see the engine gone first
+        return original_shutdown(self, *args, **kwargs)
+
+    setattr(shutdown, _PATCHED_ATTR, True)
+    async_llm.AsyncLLM.shutdown = shutdown
+    async_llm.logger.addFilter(_ShutdownEngineDead())
