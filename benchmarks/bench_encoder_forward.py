@@ -150,6 +150,7 @@ def main() -> None:
         for kind, track in encoders:
             lines.append(row(kind, track, measure(kind, track, args.device, dtype, args.rounds, real_sizes)))
             print(lines[-1], file=sys.stderr, flush=True)
+            publish(lines, args.out, partial=True)
         lines += [
             "",
             "Track A's vision tower forward alone, 448x448 images: one SDPA per attention window (transformers' loop)",

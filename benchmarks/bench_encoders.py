@@ -265,10 +265,12 @@ def batching_table(res: dict, concurrency: list[int], *, rate: str = ".1f", ms: 
     return lines
 
 
-def publish(lines: list[str], out: str | Path | None) -> None:
-    """A benchmark's markdown report: printed, and written to `out` when given (benchmarks/results/...)."""
+def publish(lines: list[str], out: str | Path | None, *, partial: bool = False) -> None:
+    """A benchmark's markdown report: printed, and written to `out` when given (benchmarks/results/...). A partial
+    report is only written, so that a run stopped by a time limit keeps what it measured."""
     text = "\n".join(lines) + "\n"
-    print(text)
+    if not partial:
+        print(text)
     if out:
         Path(out).write_text(text)
 
@@ -423,6 +425,7 @@ def main() -> None:
         for encoder in encoders:
             print(f"{encoder.key}: starting servers", file=sys.stderr, flush=True)
             runs.append(asyncio.run(bench_encoder(encoder, args, env, log_dir)))
+            publish([render(runs, args, env, command)], args.out, partial=True)
         publish([render(runs, args, env, command)], args.out)
 
 
