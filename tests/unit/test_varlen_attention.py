@@ -73,6 +73,22 @@ def test_a_sequence_that_does_not_start_at_zero_is_gathered():
     assert torch.equal(got[:, 4:], one_call_per_sequence(q, k, v, cu, None))
 
 
+def test_groups_gather_only_when_the_sequences_are_not_one_length_end_to_end():
+    cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32)
+    assert varlen_attention._groups(cu, 12) == [(4, None)]  # a view of the packed sequence, no gather
+    [(length, index)] = varlen_attention._groups(torch.tensor([0, 4, 8], dtype=torch.int32), 12)  # 8..12 uncovered
+    assert length == 4 and index.tolist() == list(range(8))
+    groups = varlen_attention._groups(torch.tensor([0, 2, 5, 7], dtype=torch.int32), 7)
+    assert [(n, index.tolist()) for n, index in groups] == [(2, [0, 1, 5, 6]), (3, [2, 3, 4])]
+
+
+def test_groups_are_computed_once_per_cu_seqlens():
+    cu = torch.tensor([0, 2, 5, 7], dtype=torch.int32)
+    first = varlen_attention._groups(cu, 7)
+    assert varlen_attention._groups(cu, 7) is first  # every layer gets the same tensor: no second device read
+    assert varlen_attention._groups(cu.clone(), 7) is not first
+
+
 def test_refuses_a_mask_or_cross_attention():
     q, k, v, cu = packed([4, 4])
     with pytest.raises(ValueError, match="within each sequence"):
