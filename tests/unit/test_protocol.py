@@ -106,3 +106,22 @@ def test_bad_requests_name_the_field(body, param, fragment):
     envelope = error.to_dict()["error"]
     assert set(envelope) == {"message", "type", "param", "code"}
     assert envelope["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_embedding_on_the_wire_is_base64_of_torch_save_of_just_its_rows(dtype):
+    import base64
+    import io
+
+    import torch
+
+    from hcxserve.protocol.payloads import encode_tensor
+
+    batch = torch.randn(3 * 64, 32).to(getattr(torch, dtype))
+    rows = batch[64:128]  # one item's rows of a batch output: a view into the batch's storage
+    wire = encode_tensor(rows)
+    raw = base64.b64decode(wire, validate=True)  # standard base64, as vLLM decodes it
+    assert torch.equal(torch.load(io.BytesIO(raw), weights_only=True), rows)
+    alone = io.BytesIO()
+    torch.save(rows.clone(), alone)
+    assert len(raw) == len(alone.getvalue())  # the item's rows only, not the whole batch's storage
