@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_encoders import machine, publish, test_png, test_wav  # noqa: E402
 from benchmarks.real_sizes import write_real_size_folder  # noqa: E402
 from hcxserve.config import load_track  # noqa: E402
+from hcxserve.models import resolve_device  # noqa: E402
 from hcxserve.protocol.payloads import AudioInput, ImageInput  # noqa: E402
 
 BATCH = 8
@@ -61,7 +62,11 @@ def items(kind: str, n: int) -> list:
     return [AudioInput(data=test_wav(3.0 + 0.25 * (i % 3)), max_seconds=60) for i in range(n)]
 
 
-def timed(fn, rounds: int, sync) -> float:
+def timed(fn, rounds: int, device: str = "cpu") -> float:
+    """Median seconds of `fn` over `rounds`, waiting for the accelerator's queued work each time."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for _ in range(rounds):
         sync()
@@ -75,12 +80,11 @@ def timed(fn, rounds: int, sync) -> float:
 def measure(kind: str, track: str, device: str, dtype: str, rounds: int, real_sizes: Path | None) -> dict:
     import torch
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     encoder = pipeline(kind, track, device, dtype, real_sizes)
     batch = items(kind, BATCH)
     encoder.encode(batch)  # warm-up (kernels, allocator)
-    one_by_one = timed(lambda: [encoder.encode([item]) for item in batch], rounds, sync)
-    together = timed(lambda: encoder.encode(batch), rounds, sync)
+    one_by_one = timed(lambda: [encoder.encode([item]) for item in batch], rounds, device)
+    together = timed(lambda: encoder.encode(batch), rounds, device)
     result = {"bs1": BATCH / one_by_one, "batched": BATCH / together}
     if device != "cpu" and real_sizes is None:  # random weights at 32 layers: their bf16 drift means nothing
         reference = pipeline(kind, track, "cpu", "float32").encode(batch[:2])
@@ -100,12 +104,10 @@ def measure(kind: str, track: str, device: str, dtype: str, rounds: int, real_si
 def tower_forward(device: str, dtype: str, rounds: int, real_sizes: Path | None) -> list[str]:
     """Track A's vision tower forward pass alone (448x448 images, preprocessed once): the packed attention the tower
     runs against transformers' own loop of one SDPA per window, on the same tower and pixels."""
-    import torch
     from PIL import Image
 
     from hcxserve.models.varlen_attention import PACKED_SDPA
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     tower = pipeline("vision_encoder", "a", device, dtype, real_sizes).tower
     images = [Image.open(io.BytesIO(test_png(448, 448))) for _ in range(BATCH)]
     lines = []
@@ -116,7 +118,7 @@ def tower_forward(device: str, dtype: str, rounds: int, real_sizes: Path | None)
             tower.model.config._attn_implementation = impl
             run = partial(tower._forward, batch["pixel_values"], batch["image_grid_thw"])
             run()  # warm-up
-            seconds[impl] = timed(run, rounds, sync)
+            seconds[impl] = timed(run, rounds, device)
         loop, packed = seconds["sdpa"] * 1000, seconds[PACKED_SDPA] * 1000
         lines.append(f"| {n} | {loop:.1f} | {packed:.1f} | {loop / packed:.2f}x |")
         print(lines[-1], file=sys.stderr, flush=True)
@@ -137,16 +139,15 @@ def serialise(rounds: int) -> list[str]:
 
     rows = torch.randn(BATCH * 256, 5120).bfloat16().split(256)
     assert all(plain(r) == encode_tensor(r) for r in rows[:2])  # the same wire bytes
-    before = timed(lambda: [plain(r) for r in rows], rounds, lambda: None) * 1000
-    after = timed(lambda: [encode_tensor(r) for r in rows], rounds, lambda: None) * 1000
+    before = timed(lambda: [plain(r) for r in rows], rounds) * 1000
+    after = timed(lambda: [encode_tensor(r) for r in rows], rounds) * 1000
     return [f"| {BATCH} x 256 x 5120 bf16 | {before:.1f} | {after:.1f} | {before / after:.2f}x |"]
 
 
 def main() -> None:
-    import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=resolve_device("auto"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sizes", choices=["embedded", "real"], default="embedded")
     parser.add_argument("--out")

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.real_sizes import write_real_size_folder  # noqa: E402
 from hcxserve.config import dotted_overrides, load_track  # noqa: E402
+from hcxserve.models import resolve_device  # noqa: E402
 from hcxserve.tooling.testing import ServedProcess, config_env, free_port, serve_env  # noqa: E402
 
 
@@ -382,16 +383,10 @@ def use_real_sizes(encoders: list[Encoder], model_root: Path) -> None:
     for encoder in encoders:
         out = model_root / f"track_{encoder.track}" / encoder.component()
         print(f"{encoder.key}: writing a real-size folder to {out}", file=sys.stderr, flush=True)
-        write_real_size_folder(folders[encoder.key], out, encoder.section, device=default_device())
+        write_real_size_folder(folders[encoder.key], out, encoder.section, device=resolve_device("auto"))
     os.environ["HCX_PROFILE"] = "gpu"
     for track in {encoder.track for encoder in encoders}:
         os.environ[f"HCX_TRACKS__{track.upper()}__MODEL_DIR"] = str(model_root / f"track_{track}")
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main() -> None:

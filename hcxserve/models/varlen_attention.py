@@ -42,14 +42,14 @@ def packed_sdpa_attention(
     out = torch.empty_like(q)
     heads, packed, dim = q.shape
     for length, index in _groups(cu_seq_lens_q, packed):
-        if index is None:  # one length for the whole sequence: a view, no gather
-            parts = [t.view(heads, -1, length, dim).transpose(0, 1) for t in (q, k, v)]
-            result = F.scaled_dot_product_attention(*parts, scale=scaling)
-            out.copy_(result.transpose(0, 1).reshape(heads, -1, dim))
-            continue
-        parts = [t.index_select(1, index).view(heads, -1, length, dim).transpose(0, 1) for t in (q, k, v)]
-        result = F.scaled_dot_product_attention(*parts, scale=scaling)
-        out.index_copy_(1, index, result.transpose(0, 1).reshape(heads, -1, dim))
+        # index None: one length for the whole sequence, read as a view with no gather
+        picked = [t if index is None else t.index_select(1, index) for t in (q, k, v)]
+        parts = [t.view(heads, -1, length, dim).transpose(0, 1) for t in picked]
+        result = F.scaled_dot_product_attention(*parts, scale=scaling).transpose(0, 1).reshape(heads, -1, dim)
+        if index is None:
+            out.copy_(result)
+        else:
+            out.index_copy_(1, index, result)
     return out.transpose(0, 1).unsqueeze(0), None
 
 
