@@ -73,7 +73,7 @@ def weight_shapes(config: dict, kind: str) -> dict[str, tuple[int, ...]]:
             from transformers import Qwen2_5_VLVisionConfig
             from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-            from hcxserve.models.ta_tok import _CODEBOOK_KEYS, WEIGHT_PREFIX, TATokConfig, TATokEncoder
+            from hcxserve.models.ta_tok import WEIGHT_PREFIX, TATokConfig, TATokEncoder, codebook_shapes
 
             vision = {k: v for k, v in config["vision_config"].items() if k != "model_type"}
             tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLVisionConfig(**vision))
@@ -83,15 +83,13 @@ def weight_shapes(config: dict, kind: str) -> dict[str, tuple[int, ...]]:
             if "discrete_vision_config" in config:
                 ta_tok = TATokConfig.from_dict(config["discrete_vision_config"])
                 add(WEIGHT_PREFIX, TATokEncoder(ta_tok))
-                codebook = (ta_tok.codebook_size, ta_tok.bottleneck_dim)
-                for key, shape in zip(_CODEBOOK_KEYS, [codebook, codebook[1:] * 2, codebook[1:]], strict=True):
-                    shapes[WEIGHT_PREFIX + key] = shape
+                shapes.update({WEIGHT_PREFIX + key: shape for key, shape in codebook_shapes(ta_tok).items()})
         else:
             from transformers import Qwen2AudioEncoderConfig
             from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
             from hcxserve.models.audio_encoder import build_projector
-            from hcxserve.models.mambamia import WEIGHT_PREFIX, MambaMiaCompressor, MambaMiaConfig
+            from hcxserve.models.mambamia import CONFIG_KEY, WEIGHT_PREFIX, MambaMiaCompressor, MambaMiaConfig
             from hcxserve.models.s3_tokenizer import S3Tokenizer, S3TokenizerConfig
 
             audio = Qwen2AudioEncoderConfig.from_dict(config["audio_config"])
@@ -99,10 +97,8 @@ def weight_shapes(config: dict, kind: str) -> dict[str, tuple[int, ...]]:
             add("audio_model.", Qwen2AudioEncoder._from_config(audio))
             add("audio_projector.", build_projector(config["audio_projector_type"], audio.d_model, text_hidden))
             add("discrete_audio_model.", S3Tokenizer(S3TokenizerConfig.from_dict(config["discrete_audio_config"])))
-            if "video_audio_compressor_config" in config:
-                sizes = {"input_size": text_hidden, "output_size": text_hidden}
-                compressor = MambaMiaConfig.from_dict(sizes | config["video_audio_compressor_config"])
-                add(WEIGHT_PREFIX, MambaMiaCompressor(compressor))
+            if CONFIG_KEY in config:
+                add(WEIGHT_PREFIX, MambaMiaCompressor(MambaMiaConfig.from_component_config(config, where="ae")))
     return shapes
 
 

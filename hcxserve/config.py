@@ -81,6 +81,11 @@ class TorchComponentConfig(ComponentConfig):
         10000, description="BentoML answers 503 to calls it cannot finish within this; the batching window is learned."
     )
     threads: PositiveInt | None = Field(None, description="torch intra-op threads on CPU (None: torch default).")
+    keep_freed_memory: bool = Field(
+        True,
+        description="Keep memory a batch freed for the next one rather than give it back to the kernel (faster "
+        "batches; RSS stays at its high-water mark); see hcxserve.models.keep_freed_memory.",
+    )
 
 
 class EncoderConfig(TorchComponentConfig):
@@ -91,6 +96,11 @@ class EncoderConfig(TorchComponentConfig):
         ge=0,
         description="The gateway's cache of this component's results, by content, in bytes per gateway worker "
         "(0: off); see hcxserve.gateway.encoder_cache.",
+    )
+    item_threads: PositiveInt | None = Field(
+        None,
+        description="Threads that decode and preprocess a batch's items, and serialise its results, side by side "
+        "(None: one per CPU core of the process, at most max_batch_size; 1: one item after another).",
     )
 
 

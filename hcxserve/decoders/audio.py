@@ -62,17 +62,15 @@ class AudioDecoderPipeline:
 
     @classmethod
     def from_pretrained(cls, ad_dir: Path, cfg: AudioDecoderConfig) -> AudioDecoderPipeline:
-        import torch  # here, not at module level (see hcxserve.encoders.vision)
-
+        from hcxserve.models import apply_process_settings  # here, not at module level (see hcxserve.encoders.vision)
         from hcxserve.models.unit_vocoder import UnitVocoder
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         options = {"device": cfg.device, "dtype": cfg.dtype}
         variants = {
             name: UnitVocoder.from_pretrained(ad_dir / name, **options) if (ad_dir / name).is_dir() else None
             for name in ("finetuned", "zeroshot")
         }
+        apply_process_settings(cfg)
         return cls(variants["finetuned"], variants["zeroshot"], cfg)
 
     @property

@@ -27,14 +27,12 @@ class VisionDecoderPipeline:
 
     @classmethod
     def from_pretrained(cls, vd_dir: Path, cfg: VisionDecoderConfig) -> VisionDecoderPipeline:
-        import torch  # here, not at module level (see hcxserve.encoders.vision)
-
+        from hcxserve.models import apply_process_settings  # here, not at module level (see hcxserve.encoders.vision)
         from hcxserve.models.vision_decoder import VisionDecoder
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         decoder = VisionDecoder.from_pretrained(vd_dir, device=cfg.device, dtype=cfg.dtype,
                                                 max_batch_size=cfg.max_batch_size)  # fmt: skip
+        apply_process_settings(cfg)
         return cls(decoder, cfg)
 
     def generate(self, requests: list[ImageRequest]) -> list[GeneratedImage]:

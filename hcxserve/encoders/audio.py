@@ -4,32 +4,30 @@ CosyVoice tokenizer over the whole batch."""
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from pathlib import Path
 
 from hcxserve.config import AudioEncoderConfig
-from hcxserve.encoders import ItemRefused, encode_batch
+from hcxserve.encoders import ItemRefused, encode_batch, item_pool
 from hcxserve.media.audio import AudioDecodeError, AudioTooLongError, decode_audio
 from hcxserve.protocol.payloads import AudioEmbedding, AudioEncoding, AudioInput, encode_tensor
 
 
 class AudioEncoderPipeline:
-    def __init__(self, model) -> None:
+    def __init__(self, model, pool: Executor | None = None) -> None:
         self.model = model
+        self.pool = pool  # decodes a batch's clips and serialises their results side by side (see item_pool)
 
     @classmethod
     def from_pretrained(cls, ae_dir: Path, cfg: AudioEncoderConfig) -> AudioEncoderPipeline:
-        import torch  # here, not at module level (see hcxserve.encoders.vision)
-
-        from hcxserve.models import resolve_device
+        from hcxserve.models import apply_process_settings, resolve_device  # here (see hcxserve.encoders.vision)
         from hcxserve.models.audio_encoder import AudioEncoderModel
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        return cls(
-            AudioEncoderModel.from_pretrained(
-                ae_dir, device=resolve_device(cfg.device), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
-            )
+        model = AudioEncoderModel.from_pretrained(
+            ae_dir, device=resolve_device(cfg.device), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
         )
+        apply_process_settings(cfg)
+        return cls(model, item_pool(cfg.item_threads, cfg.max_batch_size))
 
     def encode(self, clips: list[AudioInput]) -> list[AudioEncoding]:
         def decode(clip: AudioInput):
@@ -38,11 +36,13 @@ class AudioEncoderPipeline:
             except AudioDecodeError as exc:
                 raise ItemRefused(str(exc), 413 if isinstance(exc, AudioTooLongError) else 400) from None
 
-        def encode(decoded: list) -> list[AudioEncoding]:
-            encoded = self.model.encode([d.samples for d in decoded], from_video=[d.from_video for d in decoded])
-            return [_encoding(e) for e in encoded]
+        def encode(decoded: list) -> list:
+            return self.model.encode([d.samples for d in decoded], from_video=[d.from_video for d in decoded])
 
-        return encode_batch(clips, decode, encode, lambda exc: AudioEncoding(error=exc.message, status=exc.status))
+        def refused(exc: ItemRefused) -> AudioEncoding:
+            return AudioEncoding(error=exc.message, status=exc.status)
+
+        return encode_batch(clips, decode, encode, refused, finish=_encoding, pool=self.pool)
 
 
 def _encoding(encoded) -> AudioEncoding:

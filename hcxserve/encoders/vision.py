@@ -3,10 +3,11 @@ accelerator, then the Qwen2.5-VL tower (+ on track B its projector and TA-Tok co
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from pathlib import Path
 
 from hcxserve.config import MediaConfig, VisionEncoderConfig
-from hcxserve.encoders import ItemRefused, encode_batch
+from hcxserve.encoders import ItemRefused, encode_batch, item_pool
 from hcxserve.media.images import decode_image
 from hcxserve.media.video import pad_to_temporal_patch, sample_video
 from hcxserve.protocol.errors import InvalidRequestError
@@ -27,6 +28,10 @@ def _encoding(encoded, discrete_codes: list[int] | None = None) -> VisionEncodin
     )
 
 
+def _finish(encoded: tuple) -> VisionEncoding:
+    return _encoding(*encoded)
+
+
 def _refusal(exc: ItemRefused) -> VisionEncoding:
     return VisionEncoding(error=exc.message, status=exc.status)
 
@@ -39,45 +44,56 @@ def _client_error(exc: InvalidRequestError, *prefixes: str) -> ItemRefused:
 
 
 class VisionEncoderPipeline:
-    def __init__(self, tower, ta_tok, media: MediaConfig) -> None:
+    def __init__(self, tower, ta_tok, media: MediaConfig, pool: Executor | None = None) -> None:
         self.tower = tower
         self.ta_tok = ta_tok
         self.media = media
+        self.pool = pool  # decodes and preprocesses a batch's items side by side (see item_pool)
 
     @classmethod
     def from_pretrained(cls, ve_dir: Path, cfg: VisionEncoderConfig, media: MediaConfig) -> VisionEncoderPipeline:
-        # torch is imported here, not at module level: every process of the bento (gateway, LLM proxy, circus)
-        # imports the service modules, and torch alone costs each of them ~400 MB of RSS.
-        import torch
-
+        # The models, and so torch, are imported here, not at module level: every process of the bento (gateway,
+        # LLM proxy, circus) imports the service modules, and torch alone costs each of them ~400 MB of RSS.
+        from hcxserve.models import apply_process_settings
         from hcxserve.models.ta_tok import TATokEncoder
         from hcxserve.models.vision_tower import VisionTower
 
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
         options = dict(device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
         tower = VisionTower.from_pretrained(ve_dir, **options)
         ta_tok = TATokEncoder.from_pretrained(ve_dir, **options) if tower.spec.discrete else None
-        return cls(tower, ta_tok, media)
+        apply_process_settings(cfg)
+        return cls(tower, ta_tok, media, item_pool(cfg.item_threads, cfg.max_batch_size))
 
     def encode(self, images: list[ImageInput]) -> list[VisionEncoding]:
         """Images, batched: one bad image is refused alone."""
+        return encode_batch(images, self._prepare, self._encode_prepared, _refusal, finish=_finish, pool=self.pool)
 
-        def decode(item: ImageInput):
-            try:
-                return decode_image(item.data, self.media)
-            except InvalidRequestError as exc:
-                raise _client_error(exc, "image: ") from None
+    def _prepare(self, item: ImageInput) -> tuple:
+        """An image's decoding and preprocessing: the tower's patches and, on track B, TA-Tok's pixels."""
+        try:
+            image = decode_image(item.data, self.media)
+        except InvalidRequestError as exc:
+            raise _client_error(exc, "image: ") from None
+        pixels = self.ta_tok.pixel_values([image]).to(self.ta_tok.device) if self.ta_tok is not None else None
+        return self.tower.preprocess(image), pixels
 
-        def encode(decoded: list) -> list[VisionEncoding]:
-            codes = self.ta_tok.encode(decoded).tolist() if self.ta_tok is not None else [None] * len(decoded)
-            return [_encoding(e, c) for e, c in zip(self.tower.encode(decoded), codes, strict=True)]
+    def _encode_prepared(self, prepared: list[tuple]) -> list[tuple]:
+        import torch
 
-        return encode_batch(images, decode, encode, _refusal)
+        features = self.tower.encode_preprocessed([patches for patches, _ in prepared])
+        if self.ta_tok is None:
+            return [(f, None) for f in features]
+        with torch.inference_mode():
+            codes = self.ta_tok(torch.cat([pixels for _, pixels in prepared])).tolist()
+        return list(zip(features, codes, strict=True))
 
     def encode_videos(self, videos: list[VideoInput]) -> list[VisionEncoding]:
         """Videos, one by one (each is already a batch of frames)."""
-        return encode_batch(videos, self._frames, lambda frames: [self._encode_video(*f) for f in frames], _refusal)
+
+        def encode(videos: list) -> list:
+            return [self.tower.encode_video(frames, max_pixels=max_pixels) for frames, max_pixels in videos]
+
+        return encode_batch(videos, self._frames, encode, _refusal, finish=_encoding, pool=self.pool)
 
     def _frames(self, video: VideoInput):
         import numpy as np
@@ -100,6 +116,3 @@ class VisionEncoderPipeline:
         except InvalidRequestError as exc:
             raise _client_error(exc, "video: ", "frame: ") from None
         return frames, video.max_pixels
-
-    def _encode_video(self, frames, max_pixels: int) -> VisionEncoding:
-        return _encoding(self.tower.encode_video(frames, max_pixels=max_pixels))

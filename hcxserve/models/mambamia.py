@@ -110,6 +110,26 @@ class MambaMiaConfig:
                 known["num_heads"] = expand * hidden // head_dim
         return cls(**known)
 
+    @classmethod
+    def from_component_config(cls, component_config: dict, *, where: str) -> MambaMiaConfig:
+        """The sizes an `ae/config.json` gives: its `video_audio_compressor_config` (missing keys take the real
+        defaults), input and output sizes falling back to `text_hidden_size`, which is what the original passes."""
+        kind = component_config.get(TYPE_KEY, COMPRESSOR_TYPE)
+        if kind != COMPRESSOR_TYPE:
+            raise ComponentError(f"{where}: {TYPE_KEY} {kind!r} is not supported (only 'mambamia')")
+        raw = component_config.get(CONFIG_KEY) or {}
+        if not isinstance(raw, dict):
+            raise ComponentError(f"{where}: {CONFIG_KEY} is not an object")
+        raw = dict(raw)
+        text_hidden = component_config.get("text_hidden_size")
+        if isinstance(text_hidden, int):
+            raw.setdefault("input_size", text_hidden)
+            raw.setdefault("output_size", text_hidden)
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise ComponentError(f"{where}: {CONFIG_KEY}: {exc}") from exc
+
     def to_dict(self) -> dict:
         values = asdict(self)
         values["time_step_limit"] = list(self.time_step_limit)
@@ -319,9 +339,7 @@ class MambaMiaCompressor(nn.Module):
         if unbatched:
             features = features.unsqueeze(0)
         if features.dim() != 3 or features.shape[-1] != self.config.input_size:
-            raise ValueError(
-                f"expected [T, {self.config.input_size}] or [batch, T, {self.config.input_size}] features"
-            )
+            raise ValueError(f"expected [T, {self.config.input_size}] or [batch, T, {self.config.input_size}] features")
         batch, length, _ = features.shape
         if length == 0:
             raise ValueError("cannot compress an empty sequence")
@@ -356,22 +374,7 @@ class MambaMiaCompressor(nn.Module):
         weights_dtype = torch_dtype(dtype)  # a bad name fails before any file is read
         if not any(name.startswith(WEIGHT_PREFIX) for name in weight_map(ae_dir)):
             return None
-        component_config = read_component_config(ae_dir)
-        kind = component_config.get(TYPE_KEY, COMPRESSOR_TYPE)
-        if kind != COMPRESSOR_TYPE:
-            raise ComponentError(f"{ae_dir}/config.json: {TYPE_KEY} {kind!r} is not supported (only 'mambamia')")
-        raw = component_config.get(CONFIG_KEY) or {}
-        if not isinstance(raw, dict):
-            raise ComponentError(f"{ae_dir}/config.json: {CONFIG_KEY} is not an object")
-        raw = dict(raw)
-        text_hidden = component_config.get("text_hidden_size")
-        if isinstance(text_hidden, int):
-            raw.setdefault("input_size", text_hidden)
-            raw.setdefault("output_size", text_hidden)
-        try:
-            config = MambaMiaConfig.from_dict(raw)
-        except (TypeError, ValueError) as exc:
-            raise ComponentError(f"{ae_dir}/config.json: {CONFIG_KEY}: {exc}") from exc
+        config = MambaMiaConfig.from_component_config(read_component_config(ae_dir), where=f"{ae_dir}/config.json")
         tensors = load_state_dict(ae_dir, prefix=WEIGHT_PREFIX)
 
         with torch.device("meta"):  # every parameter is replaced by the load

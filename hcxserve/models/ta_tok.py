@@ -345,6 +345,13 @@ def tiny_config() -> dict:
     return {"model_type": "ta_tok", "model_name_or_path": "ta_tok.pth", **asdict(sizes)}
 
 
+def codebook_shapes(config: TATokConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of SimVQ's codebook tensors (`_CODEBOOK_KEYS`), which the loader folds into one buffer."""
+    dim = config.bottleneck_dim
+    shapes = [(config.codebook_size, dim), (dim, dim), (dim,)]
+    return dict(zip(_CODEBOOK_KEYS, shapes, strict=True))
+
+
 def checkpoint_shapes(config: TATokConfig, decoder_depth: int = 3, **decoder_sizes) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in a TA-Tok state dict of these sizes (names as under WEIGHT_PREFIX).
 
@@ -382,9 +389,7 @@ def checkpoint_shapes(config: TATokConfig, decoder_depth: int = 3, **decoder_siz
         "bottleneck.in_linear.bias": (dim,),
         "bottleneck.out_linear.weight": (hidden, dim),
         "bottleneck.out_linear.bias": (hidden,),
-        "bottleneck.regularizer.embedding.weight": (config.codebook_size, dim),
-        "bottleneck.regularizer.embedding_proj.weight": (dim, dim),
-        "bottleneck.regularizer.embedding_proj.bias": (dim,),
+        **codebook_shapes(config),
         "scale_layer.shift": (1, config.num_channels, 1, 1),
         "scale_layer.scale": (1, config.num_channels, 1, 1),
     }

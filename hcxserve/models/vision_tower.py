@@ -93,13 +93,23 @@ class VisionTower:
         spec = VisionTowerSpec.from_config(ve_config)
         return cls(model, processor, video_processor, spec, resolved, weights_dtype, projector)
 
-    @torch.inference_mode()
+    def preprocess(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        """One PIL image -> its patches, on the tower's device and in its dtype, and its (1, 3) grid: what the
+        processor makes of it in a batch (it treats each image alone), so that images can be preprocessed side by
+        side, each copied to the accelerator by the thread that made it, and encoded together."""
+        batch = self.processor(images=[image], return_tensors="pt")
+        return batch["pixel_values"].to(self.device, self.dtype), batch["image_grid_thw"]
+
     def encode(self, images: list) -> list[VisionFeatures]:
         """Encode PIL images in one forward pass (the ViT attends within each image, so batching is exact)."""
+        return self.encode_preprocessed([self.preprocess(image) for image in images])
+
+    @torch.inference_mode()
+    def encode_preprocessed(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[VisionFeatures]:
+        """Encode what `preprocess` made of each image, in one forward pass."""
         if not images:
             return []
-        batch = self.processor(images=images, return_tensors="pt")
-        return self._forward(batch["pixel_values"], batch["image_grid_thw"])
+        return self._forward(torch.cat([patches for patches, _ in images]), torch.cat([grid for _, grid in images]))
 
     @torch.inference_mode()
     def encode_video(self, frames, *, max_pixels: int) -> VisionFeatures:
@@ -120,6 +130,8 @@ class VisionTower:
         features = self.model(pixel_values, grid_thw=grid_thw.to(self.device)).pooler_output
         if self.projector is not None:
             features = self.projector(features)
+        # off an accelerator in one copy, not one per image when each is serialised
+        features = features.cpu()
         grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         sizes = [self.spec.rows_for_grid(g) for g in grids]
         return [VisionFeatures(f, g) for f, g in zip(features.split(sizes), grids)]
