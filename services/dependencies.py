@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 
 import aiohttp
 import bentoml
+from _bentoml_impl.client import proxy2
 
 from hcxserve.protocol.errors import ServiceUnavailableError
 
@@ -45,6 +47,50 @@ async def dependency_ready(proxy, timeout_s: float = 5.0) -> bool:
         return await asyncio.wait_for(proxy.is_ready(timeout_s), timeout_s)
     except Exception:  # noqa: BLE001 - any failure to answer means not ready
         return False
+
+
+class _GracefulSessionManager(proxy2.SessionManager):
+    """The aiohttp session of a dependency's client, renewed as BentoML renews it, but never closed under requests
+    still in flight on it.
+
+    BentoML 1.4.31+ (bentoml/BentoML#5540) replaces the session every 100 requests or 300 s and closes the old one
+    at once: requests in flight on it fail (ServerDisconnectedError, ClientOSError, "Session is closed") or, when
+    the close comes while a response is being read, wait for the whole traffic timeout: 3 of ~2,600 encoder calls
+    of one benchmarks/bench_encoders.py run hung 120 s, and at 8 concurrent calls a copy of that renewal failed ~4%
+    of requests. Here the session is renewed by age only, and the old one is closed once every request that may
+    still use it has finished or timed out."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._retiring: set[asyncio.Task] = set()
+
+    async def get_session(self) -> aiohttp.ClientSession:
+        if self._session is not None and time.monotonic() - self._created_at > self.max_age:
+            retire = asyncio.create_task(self._close_later(self._session, self._timeout.total or self.max_age))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+            self._session = None
+        if self._session is None:
+            self._session = self._make_client()
+            self._created_at = time.monotonic()
+        return self._session
+
+    @staticmethod
+    async def _close_later(session: aiohttp.ClientSession, delay_s: float) -> None:
+        try:
+            await asyncio.sleep(delay_s)
+        finally:  # also when cancelled by close(): then at once
+            await session.close()
+
+    async def close(self) -> None:
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(super().close(), *retiring, return_exceptions=True)
+
+
+# Every dependency client (proxy2.RemoteProxy) builds its session manager from this module attribute.
+proxy2.SessionManager = _GracefulSessionManager
 
 
 def batching(cfg) -> dict:

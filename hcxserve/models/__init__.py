@@ -12,8 +12,8 @@ def keep_freed_memory() -> bool:
     By default glibc maps every block over 32 MiB on its own and unmaps it when freed, and trims the heap's top: a
     batch's pixel tensors, mel features, waveforms and CPU activations are new pages every time, each faulting in
     on first touch (a 38 MB concatenation took 12 ms, 2 ms into pages already mapped). Kept, on a 2-core CPU, a
-    batch of 8 ran ~1.2x faster for the vision encoder and ~1.8x for the audio encoder (bench_encoder_forward.py),
-    and the audio decoder's batch of 4 ~2.3x. The cost: the process's RSS stays at its high-water mark, one batch's
+    batch ran 1.26-1.34x faster for the vision encoders, 1.72x for the audio encoder and 1.85x for the audio
+    decoder (benchmarks/bench_freed_memory.py). The cost: the process's RSS stays at its high-water mark, one batch's
     worth above the model. False where the C library is not glibc."""
     import ctypes
 
