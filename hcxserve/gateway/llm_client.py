@@ -203,6 +203,11 @@ def _transport_errors(on_failure: APIError) -> Iterator[None]:
         yield
     except httpx.TimeoutException:
         raise UpstreamTimeoutError("The language model timed out.") from None
+    except httpx.ConnectError as exc:
+        # Nothing listens: the engine is still starting or its supervisor is restarting it, states the operator
+        # already sees (readiness, the supervisor's log); the client gets a 503 to retry.
+        logger.warning("LLM not accepting connections: %r", exc)
+        raise on_failure from None
     except httpx.HTTPError as exc:
         logger.error("LLM transport error: %r", exc)
         raise on_failure from None

@@ -214,16 +214,22 @@ def test_llm_answering_garbage_is_a_502():
 
 
 @pytest.mark.parametrize(
-    ("failure", "status"),
-    [(httpx.ConnectError("refused"), 503), (httpx.ReadTimeout("slow"), 504), (httpx.RemoteProtocolError("x"), 503)],
+    ("failure", "status", "level"),
+    [
+        (httpx.ConnectError("refused"), 503, "WARNING"),  # starting or restarting: expected, not a fault
+        (httpx.ReadTimeout("slow"), 504, None),
+        (httpx.RemoteProtocolError("x"), 503, "ERROR"),
+    ],
 )
 @pytest.mark.parametrize("stream", [False, True])
-def test_transport_failures(failure, status, stream):
-    with gateway() as gw:
+def test_transport_failures(failure, status, level, stream, caplog):
+    with caplog.at_level("WARNING", logger="hcxserve.gateway.llm_client"), gateway() as gw:
         gw.llm.failure = failure
         error = error_of(gw.chat(hi(stream=stream)), status)
     expected = "The language model timed out." if status == 504 else "The language model is unavailable; retry shortly."
     assert error["message"] == expected
+    logged = [r.levelname for r in caplog.records if r.name == "hcxserve.gateway.llm_client"]
+    assert logged == ([level] if level else [])
 
 
 @pytest.mark.parametrize(
