@@ -42,12 +42,13 @@ def rows(embedding):
     return torch.load(io.BytesIO(base64.b64decode(embedding.embeds_b64)), weights_only=True).float()
 
 
-def pipeline(kind: str, track: str, device: str, dtype: str, real_sizes: Path | None = None):
+def pipeline(kind: str, track: str, device: str, dtype: str, real_sizes: Path | None = None, **settings):
+    """The encoder pipeline its service builds, on `device` in `dtype`, with any other component `settings`."""
     from hcxserve.encoders.audio import AudioEncoderPipeline
     from hcxserve.encoders.vision import VisionEncoderPipeline
 
     config = load_track(track, profile="embedded")
-    cfg = getattr(config.components, kind).model_copy(update={"device": device, "dtype": dtype})
+    cfg = getattr(config.components, kind).model_copy(update={"device": device, "dtype": dtype, **settings})
     folder = config.component_dir(cfg.folder)
     if real_sizes is not None:
         out = real_sizes / f"{track}_{cfg.folder}"

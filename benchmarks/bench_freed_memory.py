@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_encoder_forward import items, timed  # noqa: E402
+from benchmarks.bench_encoder_forward import items, pipeline, timed  # noqa: E402
 from benchmarks.bench_encoders import machine, publish  # noqa: E402
 from hcxserve.config import load_track  # noqa: E402
 
@@ -42,32 +42,26 @@ def batch_call(track: str, component: str, size: int, keep: bool):
     one batch of `size` items through it."""
     from hcxserve.decoders.audio import AudioDecoderPipeline
     from hcxserve.decoders.vision import VisionDecoderPipeline
-    from hcxserve.encoders.audio import AudioEncoderPipeline
-    from hcxserve.encoders.vision import VisionEncoderPipeline
     from hcxserve.protocol.payloads import ImageRequest, SpeechRequest
 
+    if component in ("vision_encoder", "audio_encoder"):
+        encoder, inputs = pipeline(component, track, "cpu", "float32", keep_freed_memory=keep), items(component, size)
+        return lambda: encoder.encode(inputs)
     config = load_track(track, profile="embedded")
     cfg = getattr(config.components, component).model_copy(update={"device": "cpu", "keep_freed_memory": keep})
     folder = config.component_dir(cfg.folder)
-    if component in ("vision_encoder", "audio_encoder"):
-        inputs = items(component, size)
-        if component == "vision_encoder":
-            pipeline = VisionEncoderPipeline.from_pretrained(folder, cfg, config.media)
-        else:
-            pipeline = AudioEncoderPipeline.from_pretrained(folder, cfg)
-        return lambda: pipeline.encode(inputs)
     if component == "audio_decoder":
-        pipeline = AudioDecoderPipeline.from_pretrained(folder, cfg)
+        decoder = AudioDecoderPipeline.from_pretrained(folder, cfg)
         units = json.loads((folder / "finetuned" / "config.json").read_text())["num_units"]
         requests = [SpeechRequest(units=[(i * 37 + j) % units for i in range(125)]) for j in range(size)]  # 5 s
-        return lambda: pipeline.decode(requests)
-    pipeline = VisionDecoderPipeline.from_pretrained(folder, cfg)
+        return lambda: decoder.decode(requests)
+    decoder = VisionDecoderPipeline.from_pretrained(folder, cfg)
     codebook = json.loads((folder / "token_embedder" / "config.json").read_text())["vocab_size"]
     requests = [
         ImageRequest(ratio="1:1", codes=[(i * 31 + j) % codebook for i in range(729)], steps=4, seed=j)
         for j in range(size)
     ]
-    return lambda: pipeline.generate(requests)
+    return lambda: decoder.generate(requests)
 
 
 def child(key: str, mode: str, rounds: int) -> dict:
