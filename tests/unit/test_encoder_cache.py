@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -150,6 +152,8 @@ async def test_large_items_are_hashed_off_the_event_loop(monkeypatch):
     small = await store.keys("encode", images(b"a" * 1000))
     large = await store.keys("encode", images(b"a" * (2 << 20)))
     assert len(threads) == 1 and small != large
+    await store.keys("encode", images(b"a" * ((1 << 20) - 1)))  # a byte short of 1 MiB
+    assert len(threads) == 1
     await store.keys("encode", images(b"a" * (1 << 20)))  # 1 MiB exactly
     assert len(threads) == 2
     frames = VideoInput(frames=[b"f" * (600 << 10)] * 2, fps=2.0, max_pixels=100)  # over 1 MiB together
@@ -182,6 +186,28 @@ def test_track_caches_follow_the_configuration():
     caches = track_caches(off)
     assert set(caches) == {"vision_encoder"}
     assert caches["vision_encoder"].max_bytes == off.components.vision_encoder.cache_bytes
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"components": {"vision_encoder": {"dtype": "float16"}}},  # the component's settings
+        {"media": {"max_image_pixels": 1 << 16}},  # the track's media settings
+    ],
+    ids=["component setting", "media setting"],
+)
+async def test_track_caches_key_by_component_and_settings_and_report_to_the_metrics(override):
+    track = load_track("b", profile="embedded")
+    metrics = RecordingMetrics()
+    caches = track_caches(track, metrics)
+    vision = caches["vision_encoder"]
+    assert vision.component == track.service_name("vision_encoder") == "TrackB-VisionEncoder"
+    key = await vision.keys("encode", images(b"a"))
+    assert key != await caches["audio_encoder"].keys("encode", images(b"a"))
+    changed = track_caches(load_track("b", profile="embedded", overrides={"tracks": {"b": override}}))
+    assert await changed["vision_encoder"].keys("encode", images(b"a")) != key
+    await vision.encode("encode", images(b"a"), Encoder(), keep)
+    assert metrics.records and {component for component, _ in metrics.records} == {"TrackB-VisionEncoder"}
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
@@ -228,6 +254,21 @@ async def test_a_failed_call_fails_its_waiters_and_keeps_nothing():
     assert len(encoder.calls) == 2
 
 
+async def test_a_call_cancelled_from_below_fails_its_waiters_instead_of_stranding_them():
+    """The encoder call itself ends cancelled (its client was torn down): every request waiting on it gets the
+    cancellation at once, none waits forever, and the next request calls again."""
+    store, encoder = cache(), Encoder()
+    encoder.gate, encoder.failure = asyncio.Event(), asyncio.CancelledError()
+    requests = [asyncio.ensure_future(store.encode("encode", images(b"a"), encoder, keep)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    encoder.gate.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), timeout=5)
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes) and len(store) == 0
+    encoder.failure, encoder.gate = None, None
+    assert (await store.encode("encode", images(b"a"), encoder, keep))[0].error is None
+    assert len(encoder.calls) == 2
+
+
 async def test_a_wrong_number_of_results_is_an_error_not_a_short_answer():
     store = cache()
 
@@ -251,6 +292,33 @@ def test_prometheus_metrics_count_hits_misses_evictions_and_bytes():
     assert sample("hcx_encoder_cache_misses_total", labels) == 2
     assert sample("hcx_encoder_cache_evictions_total", labels) == 1
     assert sample("hcx_encoder_cache_bytes", labels) == 60
+
+
+_RECORD_IN_A_WORKER = """
+import sys
+from hcxserve.gateway.encoder_cache import PrometheusCacheMetrics
+PrometheusCacheMetrics().record("TrackZ-VisionEncoder", hits=1, misses=1, evictions=0, bytes_delta=int(sys.argv[1]))
+"""
+
+
+def test_with_several_gateway_workers_metrics_add_up_across_them(tmp_path):
+    """Each gateway worker is a process of its own: /metrics (prometheus_client's multiprocess mode, as BentoML
+    serves it) shows one series per component, the workers' counts and bytes added up, not one per process."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for size in (100, 250):
+        subprocess.run([sys.executable, "-c", _RECORD_IN_A_WORKER, str(size)], env=env, check=True)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for metric in registry.collect() for s in metric.samples
+    }
+    labels = (("component", "TrackZ-VisionEncoder"),)
+    assert samples[("hcx_encoder_cache_bytes", labels)] == 350
+    assert samples[("hcx_encoder_cache_hits_total", labels)] == 2
+    assert [key for key in samples if key[0] == "hcx_encoder_cache_bytes"] == [("hcx_encoder_cache_bytes", labels)]
 
 
 class RecordingMetrics:

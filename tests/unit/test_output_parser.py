@@ -119,3 +119,43 @@ def test_the_block_markers_alone_open_and_close_speech():
         "<|discrete_audio_start|><|audio0001|><|discrete_image_start|><|vision_ratio_1:1|><|vision5|>"
         "<|discrete_image_end|>"
     ) == [SpeechStart({}), SpeechUnits([1]), SpeechEnd(), ImageTokens("1:1", [5])]
+
+
+def test_whitespace_laid_out_before_the_answer_is_not_text():
+    assert parse("\n  \nHello\n") == [Text("Hello\n")]
+    assert normalised(OmniOutputParser(trim_start=False).feed("\n Hi")) == [Text("\n Hi")]
+
+
+def test_an_unterminated_image_keeps_its_ratio():
+    assert parse("<|discrete_image_start|><|vision_ratio_16:9|><|vision2|>") == [
+        ImageTokens("16:9", [2], complete=False)
+    ]
+
+
+def test_a_stray_closing_marker_closes_nothing():
+    """Markers that close a block the output is not in are dropped: no empty image, no speech ended early."""
+    assert parse("a<|discrete_image_end|>b") == [Text("ab")]
+    assert parse("<|discrete_image_start|><|vision1|><|discrete_audio_end|><|vision2|><|discrete_image_end|>") == [
+        ImageTokens(None, [1, 2])
+    ]
+    assert parse("<|audio1|></assistant_transcript><|audio2|></speaker_info><|audio3|>") == [
+        SpeechStart({}), SpeechUnits([1, 2, 3]), SpeechEnd()
+    ]  # fmt: skip
+
+
+def test_the_discrete_audio_tag_alone_closes_speech():
+    assert parse("<|discrete_audio_start|><|audio1|></discrete_audio>Done") == [
+        SpeechStart({}), SpeechUnits([1]), SpeechEnd(), Text("Done")
+    ]  # fmt: skip
+
+
+def test_inside_the_decoder_call_only_speech_counts():
+    """Text inside <audio_decoder_call> around the speech block is layout, not answer; after the call, and after a
+    speaker info outside any call, text is the answer again."""
+    assert parse(
+        "<audio_decoder_call><speaker_info>{}</speaker_info>junk<discrete_audio><|discrete_audio_start|><|audio1|>"
+        "<|discrete_audio_end|>junk</discrete_audio>junk</audio_decoder_call>after"
+    ) == [SpeechStart({}), SpeechUnits([1]), SpeechEnd(), Text("after")]
+    assert parse('<speaker_info>{"a": 1}</speaker_info>Hello<|audio1|>') == [
+        Text("Hello"), SpeechStart({"a": 1}), SpeechUnits([1]), SpeechEnd()
+    ]  # fmt: skip
