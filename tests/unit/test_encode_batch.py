@@ -91,6 +91,22 @@ def test_decode_and_finish_run_in_the_pool_and_keep_the_order():
     assert len(threads) > 1 and all(name.startswith("items") for name in threads)
 
 
+def test_two_items_go_side_by_side_and_one_stays_on_the_calling_thread():
+    def where(item):
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(2, thread_name_prefix="items") as executor:
+        two = encode_batch([0, 1], where, list, refused, pool=executor)
+        one = encode_batch([0], where, list, refused, pool=executor)
+    assert all(name.startswith("items") for name in two)
+    assert one == [threading.current_thread().name]  # no thread hop for a single item
+
+
+def test_an_encoder_that_returns_too_few_results_is_an_error_not_a_missing_answer(pool):
+    with pytest.raises(ValueError):
+        encode_batch(["x", "y"], decode, lambda batch: ["enc(x)"], refused, pool=pool)
+
+
 def test_finish_is_applied_to_encoded_items_alone_when_the_batch_failed(pool):
     encode, calls = encode_all_but("poison")
     out = encode_batch(["x", "poison"], decode, encode, refused, finish=str.upper, pool=pool)
@@ -109,6 +125,23 @@ def test_item_pool_sizes():
         default.shutdown()
     capped = item_pool(None, 1)  # never more threads than items in a batch
     assert capped is None
+    with item_pool(2, 16) as executor:  # named for operators (py-spy, thread dumps)
+        assert executor.submit(lambda: threading.current_thread().name).result().startswith("encoder-items")
+
+
+def test_the_default_item_threads_follow_the_cores_this_process_may_run_on(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert item_pool(None, 16) is None  # pinned to one core of eight: items inline
+    monkeypatch.delattr(os, "sched_getaffinity")  # no affinity on this OS: every core
+    with item_pool(None, 16) as executor:
+        assert executor._max_workers == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one
+    assert item_pool(None, 16) is None
+
+
+def test_a_refusal_reads_as_its_message_in_logs():
+    assert str(ItemRefused("too large", 413)) == "too large"
 
 
 def test_item_threads_run_torch_alone_and_leave_other_threads_alone():
