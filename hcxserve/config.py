@@ -260,6 +260,12 @@ class MediaConfig(_Section):
     media_deadline_s: PositiveFloat = Field(60.0, description="Total time fetching one request's media may take.")
     max_concurrent_fetches: PositiveInt = Field(8, description="Downloads in flight at once for one request.")
     max_redirects: int = Field(3, ge=0)
+    url_cache_bytes: int = Field(
+        128 * 1024 * 1024,
+        ge=0,
+        description="Bytes of media downloaded from URLs that each gateway worker keeps, per track, as HTTP caching "
+        "headers allow (revalidated with ETag/Last-Modified, or fresh for max-age); 0 turns it off.",
+    )
     allow_private_networks: bool = Field(
         False, description="Let media URLs point at loopback/private/link-local addresses (SSRF guard off)."
     )

@@ -181,6 +181,13 @@ def media_server(tmp_path_factory):
     server.shutdown()
 
 
+# (path, status) of every request the media server answered, in order
+MEDIA_REQUESTS: list[tuple[str, int]] = []
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_request(self, code="-", size="-") -> None:
+        MEDIA_REQUESTS.append((self.path, int(code)))
+
     def log_message(self, *args) -> None:
         pass

@@ -12,10 +12,11 @@ media settings (pixel budgets, frame sampling, ...), the method (image or video)
 (`fps`, `max_pixels`, ...). A hit is the very object a miss produced, so the LLM gets byte-identical embeddings and
 vLLM's prefix cache (which hashes embedding contents) hits too.
 
-URLs are fetched again every turn and keyed by what they returned: content behind a URL can change, and caching
-by URL (as OmniServe does) would serve a stale encoding after it did. Inline media (data: URLs, base64) is hashed
-directly. Only well-formed results are kept (never refusals or errors); the cache is bounded in bytes and evicts
-the least recently used. Concurrent requests with the same medium share one encoder call.
+URLs are keyed by what they returned (downloaded again, or revalidated as their caching headers allow: see
+`url_cache`): content behind a URL can change, and caching by URL (as OmniServe does) would serve a stale encoding
+after it did. Inline media (data: URLs, base64) is hashed directly. Only well-formed results are kept (never
+refusals or errors); the cache is bounded in bytes and evicts the least recently used. Concurrent requests with
+the same medium share one encoder call.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import msgspec
 import pybase64
 
 from hcxserve.config import MediaConfig
+from hcxserve.gateway.url_cache import URLCache
 from hcxserve.protocol.errors import InvalidRequestError, MediaError, PayloadTooLargeError
 from hcxserve.protocol.openai import InlineMedia
 
@@ -133,6 +134,7 @@ class MediaFetcher:
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.fetch_timeout_s), follow_redirects=False, trust_env=False
         )
+        self.url_cache = URLCache(config.url_cache_bytes) if config.url_cache_bytes else None
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -248,6 +250,9 @@ class MediaFetcher:
         return addresses[0].split("%")[0]
 
     async def _download_within_budget(self, url: str, param: str, limit: int) -> bytes:
+        if self.url_cache is not None and (data := self.url_cache.fresh(url)) is not None:
+            self._check_size(len(data), param, limit)
+            return data
         budget = _budget.get()
         deadline = time.monotonic() + self.config.fetch_deadline_s
         if budget is not None:
@@ -260,10 +265,13 @@ class MediaFetcher:
             raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None
 
     async def _download(self, url: str, param: str, limit: int) -> bytes:
+        cache, conditional = self.url_cache, True
         for _ in range(self.config.max_redirects + 1):
             try:
                 address = await self._checked_address(url, param)
                 target, headers, extensions = httpx.URL(url), {"Accept": "image/*,*/*;q=0.5"}, {}
+                if cache is not None and conditional:
+                    headers.update(cache.validators(url))
                 if address is not None:
                     headers["Host"] = target.netloc.decode("ascii")
                     if target.scheme == "https":
@@ -275,6 +283,13 @@ class MediaFetcher:
                         if urlsplit(url).scheme not in ("http", "https"):
                             raise MediaError(f"{param}: redirect to a non-http URL", param=param)
                         continue
+                    if response.status_code == 304 and cache is not None:
+                        data = cache.not_modified(url, response.headers)
+                        if data is None:  # evicted since the request was sent: ask for the whole body
+                            conditional = False
+                            continue
+                        self._check_size(len(data), param, limit)
+                        return data
                     if response.status_code != 200:
                         raise MediaError(
                             f"{param}: fetching the URL returned HTTP {response.status_code}",
@@ -298,5 +313,7 @@ class MediaFetcher:
             data = buffer.getvalue()
             if not data:
                 raise MediaError(f"{param}: the URL returned no data", param=param)
+            if cache is not None:
+                cache.store(url, response.headers, data)
             return data
         raise MediaError(f"{param}: too many redirects", param=param, code="unreachable_url")

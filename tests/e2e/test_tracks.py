@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import data_url, make_png
+from tests.conftest import MEDIA_REQUESTS, data_url, make_png
 from tests.e2e.helpers import (
     CONTENT_CHANGE,
     HEALTHY,
@@ -95,6 +95,11 @@ def test_image_url_and_data_url_are_the_same_image(client, track, media_server):
     )
     assert by_url.choices[0].message.content == by_data.choices[0].message.content
     assert logprob_distance(by_url, by_data) <= SAME_INPUT
+    # asked again, the gateway revalidates what it downloaded (the file server sends Last-Modified): a 304, no body
+    seen = len(MEDIA_REQUESTS)
+    again = ask(client, [user(image_url(f"{base}/red.png"), question)], model=MODELS[track], **options)
+    assert again.choices[0].message.content == by_url.choices[0].message.content
+    assert MEDIA_REQUESTS[seen:] == [("/red.png", 304)]
     no_image = ask(client, [user(question)], model=MODELS[track], max_tokens=1, **PLAIN[track])
     # a 64x48 image becomes a 2x2 grid of merged patches (4 rows; on track B also 16 TA-Tok codes) and its markers
     assert by_url.usage.prompt_tokens >= no_image.usage.prompt_tokens + {"a": 4, "b": 20}[track]

@@ -1,0 +1,118 @@
+"""Media downloaded from URLs, kept with what its server said about caching it, so that a conversation that resends
+a URL every turn downloads it once.
+
+Chat clients resend the whole conversation every turn, URLs included. Content behind a URL can change, so it is not
+trusted by URL alone (OmniServe did); what HTTP caching (RFC 9111) lets a shared cache do is done instead:
+- a response is kept when its server gave a validator (`ETag`, `Last-Modified`) or a freshness lifetime
+  (`s-maxage`, `max-age`), and neither `no-store`, `private` (this cache serves every client) nor `Vary: *`;
+- while it is fresh (its lifetime minus its `Age`, and no `no-cache`) it is used without a request;
+- after that it is revalidated: the request carries `If-None-Match` / `If-Modified-Since`, and a `304 Not Modified`
+  (no body) means the kept bytes are still what the URL holds.
+`Expires` is not read (`max-age` overrides it where both are sent). The fetcher sends the same request headers for
+every client (no credentials, a fixed `Accept`), so the URL is the whole key. Each gateway worker keeps its own
+cache, bounded in bytes, least recently used out first; a hit is checked against the request's size limit as a
+download is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass
+class _Entry:
+    data: bytes
+    etag: str | None
+    last_modified: str | None
+    fresh_until: float  # time.monotonic(); 0: revalidate before every use
+
+
+def _directives(headers: Mapping[str, str]) -> dict[str, str]:
+    """`Cache-Control`'s directives, lower-cased, with their values (`""` for those without one)."""
+    out = {}
+    for part in headers.get("cache-control", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name:
+            out[name.lower()] = value.strip().strip('"')
+    return out
+
+
+def _lifetime(directives: dict[str, str], headers: Mapping[str, str]) -> float:
+    """Seconds the response stays fresh from now (0: not fresh at all)."""
+    if "no-cache" in directives:
+        return 0.0
+    for name in ("s-maxage", "max-age"):  # a shared cache takes s-maxage first
+        if directives.get(name, "").isdigit():
+            age = headers.get("age", "")
+            return max(0.0, int(directives[name]) - (int(age) if age.isdigit() else 0))
+    return 0.0
+
+
+class URLCache:
+    """Downloads by URL with their validators, bounded by `max_bytes`."""
+
+    def __init__(self, max_bytes: int, clock=time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self.bytes = 0
+        self.fresh_hits = self.revalidated = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def fresh(self, url: str) -> bytes | None:
+        """The bytes kept for `url` if they may be used without asking its server."""
+        entry = self._entries.get(url)
+        if entry is None or self._clock() >= entry.fresh_until:
+            return None
+        self._entries.move_to_end(url)
+        self.fresh_hits += 1
+        return entry.data
+
+    def validators(self, url: str) -> dict[str, str]:
+        """The conditional request headers for `url` ({} when nothing is kept)."""
+        entry = self._entries.get(url)
+        if entry is None:
+            return {}
+        headers = {}
+        if entry.etag is not None:
+            headers["If-None-Match"] = entry.etag
+        if entry.last_modified is not None:
+            headers["If-Modified-Since"] = entry.last_modified
+        return headers
+
+    def not_modified(self, url: str, headers: Mapping[str, str]) -> bytes | None:
+        """The kept bytes, after a 304 for `url` (its headers renew the lifetime); None when they are gone."""
+        entry = self._entries.get(url)
+        if entry is None:
+            return None
+        entry.fresh_until = self._clock() + _lifetime(_directives(headers), headers)
+        entry.etag = headers.get("etag", entry.etag)
+        self._entries.move_to_end(url)
+        self.revalidated += 1
+        return entry.data
+
+    def store(self, url: str, headers: Mapping[str, str], data: bytes) -> None:
+        """Keep a 200's body when its headers allow it; forget what was kept for `url` otherwise."""
+        self._forget(url)
+        directives = _directives(headers)
+        if "no-store" in directives or "private" in directives or headers.get("vary", "").strip() == "*":
+            return
+        lifetime = _lifetime(directives, headers)
+        etag, last_modified = headers.get("etag"), headers.get("last-modified")
+        if (lifetime <= 0 and etag is None and last_modified is None) or len(data) > self.max_bytes:
+            return
+        self._entries[url] = _Entry(data, etag, last_modified, self._clock() + lifetime if lifetime else 0.0)
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= len(evicted.data)
+
+    def _forget(self, url: str) -> None:
+        entry = self._entries.pop(url, None)
+        if entry is not None:
+            self.bytes -= len(entry.data)
