@@ -265,13 +265,13 @@ class MediaFetcher:
             raise MediaError(f"{param}: timed out fetching the URL", param=param, code="unreachable_url") from None
 
     async def _download(self, url: str, param: str, limit: int) -> bytes:
-        cache, conditional = self.url_cache, True
+        cache = self.url_cache
         for _ in range(self.config.max_redirects + 1):
             try:
                 address = await self._checked_address(url, param)
                 target, headers, extensions = httpx.URL(url), {"Accept": "image/*,*/*;q=0.5"}, {}
-                if cache is not None and conditional:
-                    headers.update(cache.validators(url))
+                validators, kept = cache.conditional(url) if cache is not None else ({}, None)
+                headers.update(validators)
                 if address is not None:
                     headers["Host"] = target.netloc.decode("ascii")
                     if target.scheme == "https":
@@ -283,13 +283,10 @@ class MediaFetcher:
                         if urlsplit(url).scheme not in ("http", "https"):
                             raise MediaError(f"{param}: redirect to a non-http URL", param=param)
                         continue
-                    if response.status_code == 304 and cache is not None:
-                        data = cache.not_modified(url, response.headers)
-                        if data is None:  # evicted since the request was sent: ask for the whole body
-                            conditional = False
-                            continue
-                        self._check_size(len(data), param, limit)
-                        return data
+                    if response.status_code == 304 and validators:
+                        cache.not_modified(url, response.headers)
+                        self._check_size(len(kept), param, limit)
+                        return kept
                     if response.status_code != 200:
                         raise MediaError(
                             f"{param}: fetching the URL returned HTTP {response.status_code}",

@@ -73,28 +73,30 @@ class URLCache:
         self.fresh_hits += 1
         return entry.data
 
-    def validators(self, url: str) -> dict[str, str]:
-        """The conditional request headers for `url` ({} when nothing is kept)."""
+    def conditional(self, url: str) -> tuple[dict[str, str], bytes | None]:
+        """The conditional request headers for `url` and the bytes a 304 to them stands for (({}, None) when
+        nothing is kept). The caller holds on to the bytes: a 304 vouches for them even if they are evicted while
+        the request is out."""
         entry = self._entries.get(url)
         if entry is None:
-            return {}
+            return {}, None
         headers = {}
         if entry.etag is not None:
             headers["If-None-Match"] = entry.etag
         if entry.last_modified is not None:
             headers["If-Modified-Since"] = entry.last_modified
-        return headers
+        return headers, entry.data
 
-    def not_modified(self, url: str, headers: Mapping[str, str]) -> bytes | None:
-        """The kept bytes, after a 304 for `url` (its headers renew the lifetime); None when they are gone."""
+    def not_modified(self, url: str, headers: Mapping[str, str]) -> None:
+        """A 304 for `url`: its headers renew what is kept (if it still is)."""
+        self.revalidated += 1
         entry = self._entries.get(url)
         if entry is None:
-            return None
+            return
         entry.fresh_until = self._clock() + _lifetime(_directives(headers), headers)
         entry.etag = headers.get("etag", entry.etag)
+        entry.last_modified = headers.get("last-modified", entry.last_modified)
         self._entries.move_to_end(url)
-        self.revalidated += 1
-        return entry.data
 
     def store(self, url: str, headers: Mapping[str, str], data: bytes) -> None:
         """Keep a 200's body when its headers allow it; forget what was kept for `url` otherwise."""

@@ -48,10 +48,13 @@ def test_what_is_kept_and_for_how_long_without_asking(headers, fresh_for):
         assert cache.fresh(URL) == b"png"
     clock.now += 1
     assert cache.fresh(URL) is None
-    assert cache.validators(URL) == {
-        **({"If-None-Match": headers["etag"]} if "etag" in headers else {}),
-        **({"If-Modified-Since": headers["last-modified"]} if "last-modified" in headers else {}),
-    }
+    assert cache.conditional(URL) == (
+        {
+            **({"If-None-Match": headers["etag"]} if "etag" in headers else {}),
+            **({"If-Modified-Since": headers["last-modified"]} if "last-modified" in headers else {}),
+        },
+        b"png",
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,18 +71,26 @@ def test_what_is_not_kept(headers):
     cache = URLCache(1000)
     cache.store(URL, httpx.Headers({"etag": '"old"'}), b"old")
     cache.store(URL, httpx.Headers(headers), b"new")  # a new answer that may not be kept drops the old one too
-    assert (len(cache), cache.bytes, cache.validators(URL)) == (0, 0, {})
+    assert (len(cache), cache.bytes, cache.conditional(URL)) == (0, 0, ({}, None))
 
 
 def test_a_304_renews_the_lifetime_and_the_validator():
     clock = Clock()
     cache = URLCache(1000, clock=clock)
     cache.store(URL, httpx.Headers({"etag": '"v1"'}), b"png")
-    assert cache.not_modified(URL, httpx.Headers({"etag": '"v2"', "cache-control": "max-age=5"})) == b"png"
-    assert cache.fresh(URL) == b"png" and cache.validators(URL) == {"If-None-Match": '"v2"'}
+    renewed = httpx.Headers(
+        {"etag": '"v2"', "last-modified": "Tue, 01 Dec 2026 00:00:00 GMT", "cache-control": "max-age=5"}
+    )
+    cache.not_modified(URL, renewed)
+    assert cache.fresh(URL) == b"png"
+    assert cache.conditional(URL)[0] == {
+        "If-None-Match": '"v2"',
+        "If-Modified-Since": "Tue, 01 Dec 2026 00:00:00 GMT",
+    }
     clock.now += 5
     assert cache.fresh(URL) is None
-    assert cache.not_modified("http://media.test/other.png", httpx.Headers()) is None
+    cache.not_modified("http://media.test/other.png", httpx.Headers())  # gone meanwhile: nothing to renew
+    assert len(cache) == 1
 
 
 def test_bounded_in_bytes_least_recently_used_out_first():
@@ -89,7 +100,7 @@ def test_bounded_in_bytes_least_recently_used_out_first():
     cache.store("http://a.test/2", etag, b"2222")
     cache.not_modified("http://a.test/1", etag)  # used: the second is now the oldest
     cache.store("http://a.test/3", etag, b"3333")
-    assert cache.validators("http://a.test/2") == {} and cache.validators("http://a.test/1")
+    assert cache.conditional("http://a.test/2") == ({}, None) and cache.conditional("http://a.test/1")[1] == b"1111"
     assert (len(cache), cache.bytes) == (2, 8)
     cache.store("http://a.test/big", etag, b"x" * 11)  # larger than the whole cache: not kept, nothing evicted
     assert (len(cache), cache.bytes) == (2, 8)
@@ -198,7 +209,7 @@ def test_a_kept_body_still_meets_the_requests_size_limit():
     assert len(web.requests) == 2
 
 
-def test_a_304_for_a_body_evicted_meanwhile_asks_again_unconditionally():
+def test_a_304_vouches_for_the_bytes_held_when_asking_even_if_evicted_meanwhile():
     web = RecordingWeb()
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png")
 
@@ -207,14 +218,14 @@ def test_a_304_for_a_body_evicted_meanwhile_asks_again_unconditionally():
         try:
             await fetcher.fetch(URL, param="p")
             cache = fetcher.url_cache
-            validators = cache.validators
-            cache.validators = lambda url: (validators(url), cache._forget(url))[0]  # evicted once asked
-            return await fetcher.fetch(URL, param="p")
+            conditional = cache.conditional
+            cache.conditional = lambda url: (conditional(url), cache._forget(url))[0]  # evicted once asked
+            return await fetcher.fetch(URL, param="p"), len(cache)
         finally:
             await fetcher.aclose()
 
-    assert asyncio.run(run()) == b"png"
-    assert [r.headers.get("if-none-match") for r in web.requests] == [None, '"v1"', None]
+    assert asyncio.run(run()) == (b"png", 0)
+    assert [r.headers.get("if-none-match") for r in web.requests] == [None, '"v1"']
 
 
 def test_a_redirected_url_keeps_its_final_hop_and_still_checks_every_hop():
@@ -224,6 +235,13 @@ def test_a_redirected_url_keeps_its_final_hop_and_still_checks_every_hop():
     assert fetches(web, "http://short.test/x", "http://short.test/x") == [b"png", b"png"]
     assert [r.headers.get("if-none-match") for r in web.requests] == [None, None, None, '"v1"']
     assert web.resolved == ["short.test", "media.test"] * 2
+
+
+def test_a_304_to_an_unconditional_request_is_an_error_status():
+    web = RecordingWeb()
+    web.pages[URL] = httpx.Response(304)
+    (result,) = fetches(web, URL)
+    assert "HTTP 304" in str(result) and len(web.requests) == 1
 
 
 def test_off_when_the_bound_is_zero():
