@@ -59,7 +59,7 @@ class URLCache:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.bytes = 0
-        self.fresh_hits = self.revalidated = 0
+        self.revalidated = 0  # 304s answered
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,7 +70,6 @@ class URLCache:
         if entry is None or self._clock() >= entry.fresh_until:
             return None
         self._entries.move_to_end(url)
-        self.fresh_hits += 1
         return entry.data
 
     def conditional(self, url: str) -> tuple[dict[str, str], bytes | None]:

@@ -30,6 +30,7 @@ class Clock:
     "headers, fresh_for",
     [
         ({"cache-control": "max-age=60"}, 60),
+        ({"cache-control": "max-age=1"}, 1),
         ({"cache-control": "public, max-age=60", "age": "20"}, 40),  # already 20 s old when it left its cache
         ({"cache-control": "max-age=60, s-maxage=10"}, 10),  # a shared cache takes s-maxage
         ({"cache-control": 'max-age="60"'}, 60),
@@ -46,7 +47,7 @@ def test_what_is_kept_and_for_how_long_without_asking(headers, fresh_for):
     if fresh_for:
         clock.now += fresh_for - 1
         assert cache.fresh(URL) == b"png"
-    clock.now += 1
+        clock.now += 1
     assert cache.fresh(URL) is None
     assert cache.conditional(URL) == (
         {
@@ -89,8 +90,13 @@ def test_a_304_renews_the_lifetime_and_the_validator():
     }
     clock.now += 5
     assert cache.fresh(URL) is None
+    cache.not_modified(URL, httpx.Headers())  # a 304 that names no validator keeps those held
+    assert cache.conditional(URL)[0] == {
+        "If-None-Match": '"v2"',
+        "If-Modified-Since": "Tue, 01 Dec 2026 00:00:00 GMT",
+    }
     cache.not_modified("http://media.test/other.png", httpx.Headers())  # gone meanwhile: nothing to renew
-    assert len(cache) == 1
+    assert len(cache) == 1 and cache.revalidated == 3
 
 
 def test_bounded_in_bytes_least_recently_used_out_first():
@@ -106,6 +112,11 @@ def test_bounded_in_bytes_least_recently_used_out_first():
     assert (len(cache), cache.bytes) == (2, 8)
     cache.store("http://a.test/1", etag, b"11")  # replaced: its old size is given back
     assert (len(cache), cache.bytes) == (2, 6)
+    cache.store("http://a.test/4", etag, b"4444")  # full to the byte: nothing evicted
+    assert (len(cache), cache.bytes) == (3, 10)
+    exact = URLCache(4)
+    exact.store(URL, etag, b"1234")  # exactly the bound: kept
+    assert len(exact) == 1
 
 
 # ---------------------------------------------------------------------------------------------- through the fetcher
