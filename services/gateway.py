@@ -42,11 +42,11 @@ class _Gateway:
     async def _start(self) -> None:
         self.servings: dict[str, ChatCompletionServing] = {}
         self.fetchers: list[MediaFetcher] = []
-        cache_metrics = PrometheusCacheMetrics()
+        cache_metrics, url_metrics = PrometheusCacheMetrics(), PrometheusCacheMetrics("hcx_url_cache")
         store = media_store(self.deployment.gateway.storage)
         for track in self.deployment.served_tracks():
             llm_service_ = self.components[track.track]["llm"]
-            fetcher = MediaFetcher(track.media)
+            fetcher = MediaFetcher(track.media, name=track.name, cache_metrics=url_metrics)
             self.fetchers.append(fetcher)
             components = self._component_call(track.track)
             media = MediaInputs(

@@ -29,6 +29,7 @@ import msgspec
 import pybase64
 
 from hcxserve.config import MediaConfig
+from hcxserve.gateway.encoder_cache import CacheMetrics
 from hcxserve.gateway.url_cache import URLCache
 from hcxserve.protocol.errors import InvalidRequestError, MediaError, PayloadTooLargeError
 from hcxserve.protocol.openai import InlineMedia
@@ -123,10 +124,17 @@ def _padding_and_size(encoded: str | memoryview) -> tuple[int, int]:
 
 
 class MediaFetcher:
-    """`client` and `resolver` are for tests: an in-process transport and a faked DNS."""
+    """`client` and `resolver` are for tests: an in-process transport and a faked DNS. `name` and `cache_metrics`:
+    what the URL cache reports as, and where."""
 
     def __init__(
-        self, config: MediaConfig, client: httpx.AsyncClient | None = None, resolver: Resolver = resolve_host
+        self,
+        config: MediaConfig,
+        client: httpx.AsyncClient | None = None,
+        resolver: Resolver = resolve_host,
+        *,
+        name: str = "",
+        cache_metrics: CacheMetrics | None = None,
     ) -> None:
         self.config = config
         self._resolve = resolver
@@ -134,7 +142,9 @@ class MediaFetcher:
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(config.fetch_timeout_s), follow_redirects=False, trust_env=False
         )
-        self.url_cache = URLCache(config.url_cache_bytes) if config.url_cache_bytes else None
+        self.url_cache = (
+            URLCache(config.url_cache_bytes, name=name, metrics=cache_metrics) if config.url_cache_bytes else None
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()

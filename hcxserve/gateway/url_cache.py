@@ -21,6 +21,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hcxserve.gateway.encoder_cache import CacheMetrics
+
 
 @dataclass
 class _Entry:
@@ -52,10 +54,15 @@ def _lifetime(directives: dict[str, str], headers: Mapping[str, str]) -> float:
 
 
 class URLCache:
-    """Downloads by URL with their validators, bounded by `max_bytes`."""
+    """Downloads by URL with their validators, bounded by `max_bytes`. `metrics` (as `name`) counts a fetch answered
+    without a body (fresh, or a 304) as a hit, and one that downloaded a body as a miss."""
 
-    def __init__(self, max_bytes: int, clock=time.monotonic) -> None:
+    def __init__(
+        self, max_bytes: int, *, name: str = "", metrics: CacheMetrics | None = None, clock=time.monotonic
+    ) -> None:
         self.max_bytes = max_bytes
+        self.name = name
+        self._metrics = metrics
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.bytes = 0
@@ -70,6 +77,7 @@ class URLCache:
         if entry is None or self._clock() >= entry.fresh_until:
             return None
         self._entries.move_to_end(url)
+        self._record(hits=1)
         return entry.data
 
     def conditional(self, url: str) -> tuple[dict[str, str], bytes | None]:
@@ -89,6 +97,7 @@ class URLCache:
     def not_modified(self, url: str, headers: Mapping[str, str]) -> None:
         """A 304 for `url`: its headers renew what is kept (if it still is)."""
         self.revalidated += 1
+        self._record(hits=1)
         entry = self._entries.get(url)
         if entry is None:
             return
@@ -98,22 +107,35 @@ class URLCache:
         self._entries.move_to_end(url)
 
     def store(self, url: str, headers: Mapping[str, str], data: bytes) -> None:
-        """Keep a 200's body when its headers allow it; forget what was kept for `url` otherwise."""
+        """A 200's body: kept when its headers allow it; what was kept for `url` before is forgotten either way."""
+        before = self.bytes
         self._forget(url)
+        evicted = self._keep(url, headers, data)
+        self._record(misses=1, evictions=evicted, bytes_delta=self.bytes - before)
+
+    def _keep(self, url: str, headers: Mapping[str, str], data: bytes) -> int:
+        """Entries evicted to keep `data`."""
         directives = _directives(headers)
         if "no-store" in directives or "private" in directives or headers.get("vary", "").strip() == "*":
-            return
+            return 0
         lifetime = _lifetime(directives, headers)
         etag, last_modified = headers.get("etag"), headers.get("last-modified")
         if (lifetime <= 0 and etag is None and last_modified is None) or len(data) > self.max_bytes:
-            return
+            return 0
         self._entries[url] = _Entry(data, etag, last_modified, self._clock() + lifetime if lifetime else 0.0)
         self.bytes += len(data)
+        evicted = 0
         while self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= len(evicted.data)
+            _, entry = self._entries.popitem(last=False)
+            self.bytes -= len(entry.data)
+            evicted += 1
+        return evicted
 
     def _forget(self, url: str) -> None:
         entry = self._entries.pop(url, None)
         if entry is not None:
             self.bytes -= len(entry.data)
+
+    def _record(self, *, hits: int = 0, misses: int = 0, evictions: int = 0, bytes_delta: int = 0) -> None:
+        if self._metrics is not None:
+            self._metrics.record(self.name, hits=hits, misses=misses, evictions=evictions, bytes_delta=bytes_delta)

@@ -119,6 +119,46 @@ def test_bounded_in_bytes_least_recently_used_out_first():
     assert len(exact) == 1
 
 
+class RecordingMetrics:
+    def __init__(self) -> None:
+        self.totals = {"hits": 0, "misses": 0, "evictions": 0, "bytes_delta": 0}
+        self.names: set[str] = set()
+
+    def record(self, component: str, **counts: int) -> None:
+        self.names.add(component)
+        for name, count in counts.items():
+            self.totals[name] += count
+
+
+def test_what_the_cache_reports_adds_up_to_what_it_holds():
+    """Hits are fetches answered without a body (fresh or 304), misses those that downloaded one."""
+    clock, metrics = Clock(), RecordingMetrics()
+    cache = URLCache(10, name="TrackB", metrics=metrics, clock=clock)
+    etag = httpx.Headers({"etag": '"x"'})
+    cache.store("http://a.test/1", httpx.Headers({"cache-control": "max-age=60"}), b"1111")
+    cache.store("http://a.test/2", etag, b"2222")
+    cache.fresh("http://a.test/1")
+    cache.not_modified("http://a.test/2", etag)
+    cache.store("http://a.test/3", etag, b"3333")  # evicts the first
+    cache.store("http://a.test/4", httpx.Headers({"cache-control": "no-store"}), b"44")  # downloaded, not kept
+    cache.store("http://a.test/2", etag, b"22")  # downloaded again, smaller
+    assert metrics.names == {"TrackB"}
+    assert metrics.totals == {"hits": 2, "misses": 5, "evictions": 1, "bytes_delta": cache.bytes}
+    assert cache.bytes == 6
+
+
+def test_prometheus_counts_the_url_cache_apart_from_the_encoder_cache():
+    from prometheus_client import REGISTRY
+
+    from hcxserve.gateway.encoder_cache import PrometheusCacheMetrics
+
+    PrometheusCacheMetrics("hcx_url_cache").record("TrackQ", hits=2, misses=1, evictions=0, bytes_delta=70)
+    sample = REGISTRY.get_sample_value
+    assert sample("hcx_url_cache_hits_total", {"component": "TrackQ"}) == 2
+    assert sample("hcx_url_cache_bytes", {"component": "TrackQ"}) == 70
+    assert sample("hcx_encoder_cache_hits_total", {"component": "TrackQ"}) is None
+
+
 # ---------------------------------------------------------------------------------------------- through the fetcher
 def fetches(web: FakeWeb, *refs: str, **config) -> list[bytes | Exception]:
     """Each ref fetched in turn by one fetcher (one gateway worker), as turns of a conversation would be."""
