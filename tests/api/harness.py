@@ -286,14 +286,15 @@ class FakeVisionDecoder:
 
 
 class FakeWeb:
-    """Media URLs served in-process. `pages[url]` is bytes (200), an `httpx.Response`, a function making one, or an
-    exception to raise;
+    """Media URLs served in-process. `pages[url]` is bytes (200), an `httpx.Response`, a function making one (given
+    the request when it has `wants_request` set), or an exception to raise;
     `dns[host]` is the list of addresses the faked resolver returns (default: one public address)."""
 
     def __init__(self) -> None:
         self.pages: dict[str, Any] = {}
         self.dns: dict[str, list[str]] = {}
         self.fetched: list[str] = []
+        self.requests: list[httpx.Request] = []  # as sent, for their headers
         self.resolved: list[str] = []
         self.connections: list[tuple[str, str | None]] = []  # (address connected to, TLS SNI name)
 
@@ -309,6 +310,7 @@ class FakeWeb:
         url = f"{request.url.scheme}://{request.headers['host']}{request.url.raw_path.decode()}"
         assert request.method == "GET" and "image/*" in request.headers["accept"], request
         self.fetched.append(url)
+        self.requests.append(request)
         self.connections.append((request.url.host, request.extensions.get("sni_hostname")))
         page = self.pages.get(url)
         if page is None:
@@ -316,7 +318,7 @@ class FakeWeb:
         if isinstance(page, Exception):
             raise page
         if callable(page):  # a response made per request (e.g. a streamed body)
-            return page()
+            return page(request) if getattr(page, "wants_request", False) else page()
         if isinstance(page, httpx.Response):
             return httpx.Response(page.status_code, headers=page.headers, content=page.content)
         return httpx.Response(200, content=page)

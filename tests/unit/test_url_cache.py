@@ -179,22 +179,6 @@ def fetches(web: FakeWeb, *refs: str, **config) -> list[bytes | Exception]:
     return asyncio.run(run())
 
 
-class RecordingWeb(FakeWeb):
-    """FakeWeb that also keeps each request, for the headers it carried."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        page = self.pages.get(f"{request.url.scheme}://{request.headers['host']}{request.url.raw_path.decode()}")
-        if callable(page) and getattr(page, "wants_request", False):
-            self.fetched.append(str(request.url))
-            return page(request)
-        return super().__call__(request)
-
-
 def conditional_page(etag_of, body_of, **extra: str):
     def page(request: httpx.Request) -> httpx.Response:
         etag = etag_of()
@@ -207,7 +191,7 @@ def conditional_page(etag_of, body_of, **extra: str):
 
 
 def test_a_resent_url_is_revalidated_and_its_body_not_downloaded_again():
-    web = RecordingWeb()
+    web = FakeWeb()
     version = {"etag": '"v1"', "body": b"first"}
     web.pages[URL] = conditional_page(lambda: version["etag"], lambda: version["body"])
     results = fetches(web, URL, URL)
@@ -216,7 +200,7 @@ def test_a_resent_url_is_revalidated_and_its_body_not_downloaded_again():
 
 
 def test_changed_content_behind_the_url_is_downloaded_again():
-    web = RecordingWeb()
+    web = FakeWeb()
     version = {"etag": '"v1"', "body": b"first"}
     web.pages[URL] = conditional_page(lambda: version["etag"], lambda: version["body"])
 
@@ -234,14 +218,14 @@ def test_changed_content_behind_the_url_is_downloaded_again():
 
 
 def test_a_fresh_url_is_not_asked_for_again_not_even_resolved():
-    web = RecordingWeb()
+    web = FakeWeb()
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png", **{"cache-control": "max-age=300"})
     assert fetches(web, URL, URL, URL) == [b"png"] * 3
     assert len(web.requests) == 1 and web.resolved == ["media.test"]
 
 
 def test_a_kept_body_still_meets_the_requests_size_limit():
-    web = RecordingWeb()
+    web = FakeWeb()
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"x" * 100, **{"cache-control": "max-age=300"})
 
     async def run():
@@ -261,7 +245,7 @@ def test_a_kept_body_still_meets_the_requests_size_limit():
 
 
 def test_a_304_vouches_for_the_bytes_held_when_asking_even_if_evicted_meanwhile():
-    web = RecordingWeb()
+    web = FakeWeb()
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png")
 
     async def run():
@@ -280,7 +264,7 @@ def test_a_304_vouches_for_the_bytes_held_when_asking_even_if_evicted_meanwhile(
 
 
 def test_a_redirected_url_keeps_its_final_hop_and_still_checks_every_hop():
-    web = RecordingWeb()
+    web = FakeWeb()
     web.redirect("http://short.test/x", URL)
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png")
     assert fetches(web, "http://short.test/x", "http://short.test/x") == [b"png", b"png"]
@@ -289,14 +273,14 @@ def test_a_redirected_url_keeps_its_final_hop_and_still_checks_every_hop():
 
 
 def test_a_304_to_an_unconditional_request_is_an_error_status():
-    web = RecordingWeb()
+    web = FakeWeb()
     web.pages[URL] = httpx.Response(304)
     (result,) = fetches(web, URL)
     assert "HTTP 304" in str(result) and len(web.requests) == 1
 
 
 def test_off_when_the_bound_is_zero():
-    web = RecordingWeb()
+    web = FakeWeb()
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png", **{"cache-control": "max-age=300"})
     assert fetches(web, URL, URL, url_cache_bytes=0) == [b"png", b"png"]
     assert [r.headers.get("if-none-match") for r in web.requests] == [None, None]
