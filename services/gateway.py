@@ -12,7 +12,8 @@ import bentoml
 
 from hcxserve.config import Deployment, TrackConfig
 from hcxserve.gateway.app import build_app, middlewares
-from hcxserve.gateway.encoder_cache import PrometheusCacheMetrics, track_caches
+from hcxserve.gateway.cache_metrics import PrometheusCacheMetrics
+from hcxserve.gateway.encoder_cache import track_caches
 from hcxserve.gateway.fetch import MediaFetcher
 from hcxserve.gateway.llm_client import LLMClient
 from hcxserve.gateway.modalities import MediaInputs

@@ -25,15 +25,16 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from blake3 import blake3
 from pydantic import BaseModel
 
 from hcxserve.config import TrackConfig
+from hcxserve.gateway.byte_lru import ByteBoundedLRU
+from hcxserve.gateway.cache_metrics import CacheMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,6 @@ logger = logging.getLogger(__name__)
 _THREAD_HASH_BYTES = 1 << 20
 # what an entry costs besides its strings and codes (objects, dict slots)
 _ENTRY_OVERHEAD = 512
-
-
-class CacheMetrics(Protocol):
-    """Where the cache reports (the gateway service's Prometheus metrics)."""
-
-    def record(self, component: str, *, hits: int, misses: int, evictions: int, bytes_delta: int) -> None: ...
 
 
 def checkpoint_fingerprint(folder: Path, *settings: BaseModel) -> str:
@@ -111,16 +106,22 @@ class EncoderCache:
         metrics: CacheMetrics | None = None,
     ) -> None:
         self.component = component
-        self.max_bytes = max_bytes
         self._prefix = f"{component}\0{fingerprint}\0".encode()
         self._metrics = metrics
-        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._entries: ByteBoundedLRU[Any] = ByteBoundedLRU(max_bytes)
         self._inflight: dict[str, asyncio.Future] = {}
-        self.bytes = 0
         self.hits = self.misses = self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._entries.max_bytes
+
+    @property
+    def bytes(self) -> int:
+        return self._entries.bytes
 
     async def keys(self, method: str, items: Sequence[BaseModel]) -> list[str]:
         prefix = self._prefix + method.encode() + b"\0"
@@ -141,8 +142,7 @@ class EncoderCache:
         hits = 0
         for i, key in enumerate(keys):
             if key in self._entries:
-                self._entries.move_to_end(key)
-                results[i] = self._entries[key][0]
+                results[i] = self._entries.get(key)
                 hits += 1
             elif key in self._inflight:
                 waiting[i] = self._inflight[key]
@@ -185,18 +185,11 @@ class EncoderCache:
             future.set_result(result)
 
     def _store(self, key: str, result: Any) -> None:
-        size = encoding_size(result)
-        if size > self.max_bytes or key in self._entries:
+        if key in self._entries:  # kept meanwhile from another call: the first result stays the one handed out
             return
-        self._entries[key] = (result, size)
-        self.bytes += size
-        evicted, freed = 0, 0
-        while self.bytes > self.max_bytes:  # never the new entry: it fits alone
-            _, (_, entry_size) = self._entries.popitem(last=False)
-            self.bytes -= entry_size
-            freed += entry_size
-            evicted += 1
-        self._record(evictions=evicted, bytes_delta=size - freed)
+        before = self.bytes
+        evicted = self._entries.put(key, result, encoding_size(result))
+        self._record(evictions=evicted, bytes_delta=self.bytes - before)
 
     def _record(self, *, hits: int = 0, misses: int = 0, evictions: int = 0, bytes_delta: int = 0) -> None:
         self.hits += hits
@@ -210,52 +203,6 @@ def _count_error(results: Sequence, expected: int) -> Exception | None:
     if len(results) != expected:
         return RuntimeError(f"the encoder returned {len(results)} results for {expected} items")
     return None
-
-
-# what each cache's metrics count: (hits, misses, evictions, bytes) help texts by metric-name prefix
-_CACHE_FAMILIES = {
-    "hcx_encoder_cache": (
-        "Media items served from the encoder cache.",
-        "Media items the encoder cache sent to their encoder.",
-        "Encoder cache entries evicted to stay within bytes.",
-        "Bytes the encoder cache holds.",
-    ),
-    "hcx_url_cache": (
-        "Media URL fetches answered without a body (fresh, or 304 Not Modified).",
-        "Media URL fetches that downloaded a body.",
-        "URL cache entries evicted to stay within bytes.",
-        "Bytes the URL cache holds.",
-    ),
-}
-
-
-class PrometheusCacheMetrics:
-    """`<family>_{hits,misses,evictions}_total` and `<family>_bytes` by component, on the gateway's `/metrics`
-    (families: `hcx_encoder_cache`, `hcx_url_cache`). Made at start-up: prometheus_client must be imported after
-    the server has set up its multiprocess directory."""
-
-    _families: dict[str, tuple] = {}  # once per process: the registry refuses a metric registered twice
-
-    def __init__(self, family: str = "hcx_encoder_cache") -> None:
-        if family not in PrometheusCacheMetrics._families:
-            from prometheus_client import Counter, Gauge
-
-            hits, misses, evictions, size = _CACHE_FAMILIES[family]
-            labels = ["component"]
-            PrometheusCacheMetrics._families[family] = (
-                Counter(f"{family}_hits", hits, labels),
-                Counter(f"{family}_misses", misses, labels),
-                Counter(f"{family}_evictions", evictions, labels),
-                Gauge(f"{family}_bytes", size, labels, multiprocess_mode="livesum"),
-            )
-        self._metrics = PrometheusCacheMetrics._families[family]
-
-    def record(self, component: str, *, hits: int, misses: int, evictions: int, bytes_delta: int) -> None:
-        hit_count, miss_count, eviction_count, size = (m.labels(component) for m in self._metrics)
-        hit_count.inc(hits)
-        miss_count.inc(misses)
-        eviction_count.inc(evictions)
-        size.inc(bytes_delta)
 
 
 def track_caches(track: TrackConfig, metrics: CacheMetrics | None = None) -> dict[str, EncoderCache]:

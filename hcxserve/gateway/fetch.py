@@ -29,7 +29,7 @@ import msgspec
 import pybase64
 
 from hcxserve.config import MediaConfig
-from hcxserve.gateway.encoder_cache import CacheMetrics
+from hcxserve.gateway.cache_metrics import CacheMetrics
 from hcxserve.gateway.url_cache import URLCache
 from hcxserve.protocol.errors import InvalidRequestError, MediaError, PayloadTooLargeError
 from hcxserve.protocol.openai import InlineMedia

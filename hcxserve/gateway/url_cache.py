@@ -17,11 +17,11 @@ download is.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hcxserve.gateway.encoder_cache import CacheMetrics
+from hcxserve.gateway.byte_lru import ByteBoundedLRU
+from hcxserve.gateway.cache_metrics import CacheMetrics
 
 
 @dataclass
@@ -60,23 +60,25 @@ class URLCache:
     def __init__(
         self, max_bytes: int, *, name: str = "", metrics: CacheMetrics | None = None, clock=time.monotonic
     ) -> None:
-        self.max_bytes = max_bytes
         self.name = name
         self._metrics = metrics
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self.bytes = 0
+        self._entries: ByteBoundedLRU[_Entry] = ByteBoundedLRU(max_bytes)
         self.revalidated = 0  # 304s answered
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def bytes(self) -> int:
+        return self._entries.bytes
+
     def fresh(self, url: str) -> bytes | None:
         """The bytes kept for `url` if they may be used without asking its server."""
-        entry = self._entries.get(url)
+        entry = self._entries.peek(url)
         if entry is None or self._clock() >= entry.fresh_until:
             return None
-        self._entries.move_to_end(url)
+        self._entries.get(url)
         self._record(hits=1)
         return entry.data
 
@@ -104,12 +106,11 @@ class URLCache:
         entry.fresh_until = self._clock() + _lifetime(_directives(headers), headers)
         entry.etag = headers.get("etag", entry.etag)
         entry.last_modified = headers.get("last-modified", entry.last_modified)
-        self._entries.move_to_end(url)
 
     def store(self, url: str, headers: Mapping[str, str], data: bytes) -> None:
         """A 200's body: kept when its headers allow it; what was kept for `url` before is forgotten either way."""
         before = self.bytes
-        self._forget(url)
+        self._entries.pop(url)
         evicted = self._keep(url, headers, data)
         self._record(misses=1, evictions=evicted, bytes_delta=self.bytes - before)
 
@@ -120,21 +121,10 @@ class URLCache:
             return 0
         lifetime = _lifetime(directives, headers)
         etag, last_modified = headers.get("etag"), headers.get("last-modified")
-        if (lifetime <= 0 and etag is None and last_modified is None) or len(data) > self.max_bytes:
+        if lifetime <= 0 and etag is None and last_modified is None:
             return 0
-        self._entries[url] = _Entry(data, etag, last_modified, self._clock() + lifetime if lifetime else 0.0)
-        self.bytes += len(data)
-        evicted = 0
-        while self.bytes > self.max_bytes:
-            _, entry = self._entries.popitem(last=False)
-            self.bytes -= len(entry.data)
-            evicted += 1
-        return evicted
-
-    def _forget(self, url: str) -> None:
-        entry = self._entries.pop(url, None)
-        if entry is not None:
-            self.bytes -= len(entry.data)
+        entry = _Entry(data, etag, last_modified, self._clock() + lifetime if lifetime else 0.0)
+        return self._entries.put(url, entry, len(data))
 
     def _record(self, *, hits: int = 0, misses: int = 0, evictions: int = 0, bytes_delta: int = 0) -> None:
         if self._metrics is not None:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 
 import pytest
 
 from hcxserve.config import load_track
 from hcxserve.gateway.encoder_cache import (
     EncoderCache,
-    PrometheusCacheMetrics,
     checkpoint_fingerprint,
     encoding_size,
     track_caches,
@@ -277,48 +274,6 @@ async def test_a_wrong_number_of_results_is_an_error_not_a_short_answer():
 
     with pytest.raises(RuntimeError, match="0 results for 1 items"):
         await store.encode("encode", images(b"a"), short, keep)
-
-
-def test_prometheus_metrics_count_hits_misses_evictions_and_bytes():
-    from prometheus_client import REGISTRY
-
-    metrics = PrometheusCacheMetrics()
-    PrometheusCacheMetrics()  # a second instance shares the process's metrics
-    labels = {"component": "TrackZ-VisionEncoder"}
-    metrics.record("TrackZ-VisionEncoder", hits=3, misses=2, evictions=1, bytes_delta=100)
-    metrics.record("TrackZ-VisionEncoder", hits=1, misses=0, evictions=0, bytes_delta=-40)
-    sample = REGISTRY.get_sample_value
-    assert sample("hcx_encoder_cache_hits_total", labels) == 4
-    assert sample("hcx_encoder_cache_misses_total", labels) == 2
-    assert sample("hcx_encoder_cache_evictions_total", labels) == 1
-    assert sample("hcx_encoder_cache_bytes", labels) == 60
-
-
-_RECORD_IN_A_WORKER = """
-import sys
-from hcxserve.gateway.encoder_cache import PrometheusCacheMetrics
-PrometheusCacheMetrics().record("TrackZ-VisionEncoder", hits=1, misses=1, evictions=0, bytes_delta=int(sys.argv[1]))
-"""
-
-
-def test_with_several_gateway_workers_metrics_add_up_across_them(tmp_path):
-    """Each gateway worker is a process of its own: /metrics (prometheus_client's multiprocess mode, as BentoML
-    serves it) shows one series per component, the workers' counts and bytes added up, not one per process."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    for size in (100, 250):
-        subprocess.run([sys.executable, "-c", _RECORD_IN_A_WORKER, str(size)], env=env, check=True)
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(tmp_path))
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value for metric in registry.collect() for s in metric.samples
-    }
-    labels = (("component", "TrackZ-VisionEncoder"),)
-    assert samples[("hcx_encoder_cache_bytes", labels)] == 350
-    assert samples[("hcx_encoder_cache_hits_total", labels)] == 2
-    assert [key for key in samples if key[0] == "hcx_encoder_cache_bytes"] == [("hcx_encoder_cache_bytes", labels)]
 
 
 class RecordingMetrics:
