@@ -86,7 +86,7 @@ class URLCache:
         """The conditional request headers for `url` and the bytes a 304 to them stands for (({}, None) when
         nothing is kept). The caller holds on to the bytes: a 304 vouches for them even if they are evicted while
         the request is out."""
-        entry = self._entries.get(url)
+        entry = self._entries.peek(url)
         if entry is None:
             return {}, None
         headers = {}

@@ -60,3 +60,15 @@ def test_prometheus_counts_the_url_cache_apart_from_the_encoder_cache():
     assert sample("hcx_url_cache_hits_total", {"component": "TrackQ"}) == 2
     assert sample("hcx_url_cache_bytes", {"component": "TrackQ"}) == 70
     assert sample("hcx_encoder_cache_hits_total", {"component": "TrackQ"}) is None
+
+
+def test_every_metric_says_what_it_counts():
+    from prometheus_client import REGISTRY
+
+    for family in ("hcx_encoder_cache", "hcx_url_cache"):
+        PrometheusCacheMetrics(family)
+    helps = {metric.name: metric.documentation for metric in REGISTRY.collect() if "_cache_" in metric.name}
+    assert helps["hcx_encoder_cache_hits"] == "Media items served from the encoder cache."
+    assert helps["hcx_url_cache_misses"] == "Media URL fetches that downloaded a body."
+    assert helps["hcx_url_cache_evictions"] == "URL cache entries evicted to stay within bytes."
+    assert helps["hcx_encoder_cache_bytes"] == "Bytes the encoder cache holds."

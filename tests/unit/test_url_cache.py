@@ -119,6 +119,17 @@ def test_bounded_in_bytes_least_recently_used_out_first():
     assert len(exact) == 1
 
 
+def test_a_fresh_hit_counts_as_a_use_and_asking_about_an_entry_does_not():
+    clock = Clock()
+    cache = URLCache(8, clock=clock)
+    cache.store("http://a.test/1", httpx.Headers({"cache-control": "max-age=60"}), b"1111")
+    cache.store("http://a.test/2", httpx.Headers({"etag": '"x"'}), b"2222")
+    assert cache.fresh("http://a.test/1") == b"1111"  # used: the second is now the oldest
+    cache.conditional("http://a.test/2")  # only asked about: still the oldest
+    cache.store("http://a.test/3", httpx.Headers({"etag": '"x"'}), b"3333")
+    assert cache.fresh("http://a.test/1") == b"1111" and cache.conditional("http://a.test/2") == ({}, None)
+
+
 class RecordingMetrics:
     def __init__(self) -> None:
         self.totals = {"hits": 0, "misses": 0, "evictions": 0, "bytes_delta": 0}
