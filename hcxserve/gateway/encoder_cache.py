@@ -185,8 +185,6 @@ class EncoderCache:
             future.set_result(result)
 
     def _store(self, key: str, result: Any) -> None:
-        if key in self._entries:  # kept meanwhile from another call: the first result stays the one handed out
-            return
         before = self.bytes
         evicted = self._entries.put(key, result, encoding_size(result))
         self._record(evictions=evicted, bytes_delta=self.bytes - before)
