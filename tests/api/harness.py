@@ -323,9 +323,10 @@ class FakeWeb:
             return httpx.Response(page.status_code, headers=page.headers, content=page.content)
         return httpx.Response(200, content=page)
 
-    def fetcher(self, media_config) -> MediaFetcher:
+    def fetcher(self, media_config, **options) -> MediaFetcher:
+        """A fetcher on this web; `options`: MediaFetcher's keyword options (`name`, `cache_metrics`)."""
         client = httpx.AsyncClient(transport=httpx.MockTransport(self), follow_redirects=False)
-        return MediaFetcher(media_config, client=client, resolver=self.resolve)
+        return MediaFetcher(media_config, client=client, resolver=self.resolve, **options)
 
 
 def fakes_ready(fake):

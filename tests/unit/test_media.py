@@ -492,6 +492,16 @@ def test_the_default_client_ignores_proxy_settings(media_server, monkeypatch):
     assert fetch(f"{base}/red.png", allow_private_networks=True) == (root / "red.png").read_bytes()
 
 
+def test_the_default_client_follows_no_redirect_by_itself(media_server):
+    """Each hop is checked by the fetcher; a client that followed redirects on its own would skip those checks. Python's
+    file server redirects a folder named without its trailing slash."""
+    base, root = media_server
+    (root / "album").mkdir(exist_ok=True)
+    error = fetch_error(f"{base}/album", allow_private_networks=True, max_redirects=0)
+    assert error.message == "messages[0].content[0]: too many redirects"
+    assert fetch(f"{base}/album", allow_private_networks=True, max_redirects=1).startswith(b"<!DOCTYPE")
+
+
 def test_the_default_resolver_answers_with_addresses():
     from hcxserve.gateway.fetch import resolve_host
 
@@ -654,6 +664,8 @@ def test_allowed_networks_open_an_operators_own_range_and_only_it():
     assert web.connections == [("10.1.2.3", None)]
     with pytest.raises(MediaError, match="non-public"):
         guarded(web, "http://other.internal/x.png", allowed_networks=["10.1.0.0/16"])
+    # a network written with host bits set names the network around them
+    assert guarded(web, "http://store.internal/x.png", allowed_networks=["10.1.9.9/16"]) == b"ok"
 
 
 def test_a_bad_network_in_the_configuration_is_named():
@@ -692,6 +704,7 @@ def test_a_slow_drip_fetch_meets_its_total_deadline():
     with pytest.raises(MediaError) as info:
         guarded(web, "http://slow.test/0.png", fetch_deadline_s=0.3)
     assert info.value.message == "messages[0].content[0]: timed out fetching the URL"
+    assert (info.value.param, info.value.code) == ("messages[0].content[0]", "unreachable_url")
     assert time.monotonic() - started < 1.5
 
 

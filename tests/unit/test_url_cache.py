@@ -223,6 +223,38 @@ def test_a_fresh_url_is_not_asked_for_again_not_even_resolved():
     assert len(web.requests) == 1 and web.resolved == ["media.test"]
 
 
+def test_a_304_through_the_fetcher_renews_the_kept_bodys_lifetime():
+    web = FakeWeb()
+    web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png", **{"cache-control": "max-age=300"})
+
+    async def run():
+        fetcher = web.fetcher(MediaConfig())
+        try:
+            await fetcher.fetch(URL, param="p")
+            fetcher.url_cache._entries.peek(URL).fresh_until = 0  # stale: the next fetch is answered 304
+            return [await fetcher.fetch(URL, param="p") for _ in range(3)]
+        finally:
+            await fetcher.aclose()
+
+    assert asyncio.run(run()) == [b"png"] * 3
+    assert [r.headers.get("if-none-match") for r in web.requests] == [None, '"v1"']  # fresh again after the 304
+
+
+def test_the_fetcher_reports_its_url_cache_under_its_name():
+    web, metrics = FakeWeb(), RecordingMetrics()
+    web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png")
+
+    async def run():
+        fetcher = web.fetcher(MediaConfig(), name="TrackB", cache_metrics=metrics)
+        try:
+            return [await fetcher.fetch(URL, param="p") for _ in range(2)]
+        finally:
+            await fetcher.aclose()
+
+    assert asyncio.run(run()) == [b"png"] * 2
+    assert metrics.names == {"TrackB"} and metrics.totals["hits"] == 1 and metrics.totals["misses"] == 1
+
+
 def test_a_kept_body_still_meets_the_requests_size_limit():
     web = FakeWeb()
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"x" * 100, **{"cache-control": "max-age=300"})
@@ -231,11 +263,12 @@ def test_a_kept_body_still_meets_the_requests_size_limit():
         fetcher = web.fetcher(MediaConfig())
         try:
             await fetcher.fetch(URL, param="p", max_bytes=1000)
-            with pytest.raises(PayloadTooLargeError):
+            with pytest.raises(PayloadTooLargeError) as fresh:
                 await fetcher.fetch(URL, param="p", max_bytes=50)  # fresh: no request
             fetcher.url_cache._entries.peek(URL).fresh_until = 0  # now revalidated: a 304
-            with pytest.raises(PayloadTooLargeError):
+            with pytest.raises(PayloadTooLargeError) as revalidated:
                 await fetcher.fetch(URL, param="p", max_bytes=50)
+            assert (fresh.value.param, revalidated.value.param) == ("p", "p")
         finally:
             await fetcher.aclose()
 
