@@ -159,11 +159,12 @@ def test_what_the_cache_reports_adds_up_to_what_it_holds():
 
 
 # ---------------------------------------------------------------------------------------------- through the fetcher
-def fetches(web: FakeWeb, *refs: str, **config) -> list[bytes | Exception]:
-    """Each ref fetched in turn by one fetcher (one gateway worker), as turns of a conversation would be."""
+def fetches(web: FakeWeb, *refs: str, options: dict | None = None, **config) -> list[bytes | Exception]:
+    """Each ref fetched in turn by one fetcher (one gateway worker), as turns of a conversation would be; `options`:
+    the fetcher's own (`name`, `cache_metrics`), `config`: its MediaConfig."""
 
     async def run():
-        fetcher = web.fetcher(MediaConfig(**config))
+        fetcher = web.fetcher(MediaConfig(**config), **(options or {}))
         out = []
         try:
             for ref in refs:
@@ -243,15 +244,7 @@ def test_a_304_through_the_fetcher_renews_the_kept_bodys_lifetime():
 def test_the_fetcher_reports_its_url_cache_under_its_name():
     web, metrics = FakeWeb(), RecordingMetrics()
     web.pages[URL] = conditional_page(lambda: '"v1"', lambda: b"png")
-
-    async def run():
-        fetcher = web.fetcher(MediaConfig(), name="TrackB", cache_metrics=metrics)
-        try:
-            return [await fetcher.fetch(URL, param="p") for _ in range(2)]
-        finally:
-            await fetcher.aclose()
-
-    assert asyncio.run(run()) == [b"png"] * 2
+    assert fetches(web, URL, URL, options={"name": "TrackB", "cache_metrics": metrics}) == [b"png"] * 2
     assert metrics.names == {"TrackB"} and metrics.totals["hits"] == 1 and metrics.totals["misses"] == 1
 
 
